@@ -1,0 +1,551 @@
+"""The check/bench harness: correctness, gradient and throughput for each
+loss x implementation x dtype x size, one long-format row per (check, mode).
+
+Every case runs inside its own try/except: a failure is a row with status ``error``
+and the run goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import socket
+import subprocess
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import measure
+from .registry import Registry, default_registry
+from .results import ResultWriter
+from .spec import DTYPES, Case, Impl, LossSpec
+
+SEEDS = (0, 1, 2)
+ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
+
+
+class HarnessError(ValueError):
+    """Bad arguments to check/bench (unknown loss, impl, dtype...)."""
+
+
+# ---------------------------------------------------------------- run context
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def run_context(device: str) -> dict[str, Any]:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
+        "timestamp": now,
+        "lossreg_version": _version("lossreg"),
+        "git_commit": _git_commit(),
+        "hostname": socket.gethostname(),
+        "device_type": measure.device_type(device),
+        "device_name": measure.device_name(device),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "python_version": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------- planning
+@dataclass
+class Task:
+    spec: LossSpec
+    impl: Impl
+    dtype: str
+    n: int
+
+
+@dataclass
+class Plan:
+    device: str
+    tasks: list[Task] = field(default_factory=list)
+    skipped: list[tuple[Task, str]] = field(default_factory=list)
+
+
+def default_dtypes(device: str) -> list[str]:
+    return ["float32", "bfloat16"] if measure.device_type(device) == "cuda" else ["float32"]
+
+
+def make_plan(
+    registry: Registry, names: Sequence[str] | None, device: str, dtypes: Sequence[str] | None,
+    impls: Sequence[str] | None, sizes: str,
+) -> Plan:
+    specs = [registry.get(n) for n in names] if names else registry.list()
+    dtypes = list(dtypes) if dtypes else default_dtypes(device)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise HarnessError(f"unknown dtype {d!r}: expected one of {', '.join(DTYPES)}")
+    known = {name for s in specs for name in s.implementations}
+    for name in impls or ():
+        if name not in known:
+            raise HarnessError(
+                f"unknown implementation {name!r}: the selected losses have "
+                f"{', '.join(sorted(known))}"
+            )
+    if sizes not in ("quick", "default", "large"):
+        raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
+    dev_type = measure.device_type(device)
+    plan = Plan(device)
+    for spec in specs:
+        chosen = [i for i in spec.implementations.values() if not impls or i.name in impls]
+        if impls is None or not impls:
+            # torch.compile takes ~15 s per loss on a CPU: opt-in there.
+            chosen = [i for i in chosen if not (i.backend == "compile" and dev_type == "cpu")]
+        chosen.sort(key=lambda i: i.kind != "reference")  # reference first: speedups need it
+        for impl in chosen:
+            for dtype in dtypes:
+                for n in spec.sizes[sizes]:
+                    task = Task(spec, impl, dtype, n)
+                    reason = runnable(impl, dev_type, dtype)
+                    if reason:
+                        plan.skipped.append((task, reason))
+                    else:
+                        plan.tasks.append(task)
+    return plan
+
+
+def runnable(impl: Impl, dev_type: str, dtype: str) -> str | None:
+    from .kernels import interpreting
+
+    if impl.backend == "triton" and dev_type == "cpu":
+        missing = impl.missing_requirements()
+        if missing:
+            return f"requires {', '.join(missing)} (not installed)"
+        if not interpreting():
+            return "Triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before lossreg is imported"
+        if impl.dtypes is not None and dtype not in impl.dtypes:
+            return f"supports dtypes {', '.join(impl.dtypes)}, not {dtype}"
+        return None
+    return impl.supports(dev_type, dtype)
+
+
+# ---------------------------------------------------------------- numerics
+def _to64(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    max_abs: float | None
+    rel: float | None
+    message: str = ""
+
+
+def compare(out: Any, ref: torch.Tensor, rtol: float, atol: float, what: str = "output") -> Verdict:
+    """Pass when ||out-ref||/||ref|| <= rtol or max|out-ref| <= atol; NaN/inf must sit
+    exactly where the reference has them (a NaN the reference lacks never passes)."""
+    if not torch.is_tensor(out):
+        return Verdict(False, None, None, f"{what}: returned {type(out).__name__}, not a tensor")
+    if out.shape != ref.shape:
+        return Verdict(False, None, None,
+                       f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    o = out.detach().to(device=ref.device, dtype=torch.float64)
+    r = ref.detach()
+    nonfinite_o, nonfinite_r = ~torch.isfinite(o), ~torch.isfinite(r)
+    if not torch.equal(nonfinite_o, nonfinite_r) or not torch.equal(
+        torch.where(nonfinite_o, o, 0).nan_to_num(0.0, 1.0, -1.0),
+        torch.where(nonfinite_r, r, 0).nan_to_num(0.0, 1.0, -1.0),
+    ):
+        bad = int((nonfinite_o != nonfinite_r).sum())
+        return Verdict(False, math.inf, math.inf,
+                       f"{what}: NaN/inf differ from the reference at {bad} positions")
+    fo, fr = o[~nonfinite_o], r[~nonfinite_r]
+    if fo.numel() == 0:
+        return Verdict(True, 0.0, 0.0)
+    diff = (fo - fr).abs()
+    max_abs = float(diff.max())
+    denom = float(fr.norm())
+    rel = float(diff.norm()) / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
+    ok = rel <= rtol or max_abs <= atol
+    msg = "" if ok else f"{what}: rel_err {rel:.3g} > rtol {rtol:g} and max_abs {max_abs:.3g} > atol {atol:g}"
+    return Verdict(ok, max_abs, rel, msg)
+
+
+def _worst(verdicts: list[tuple[str, Verdict]]) -> tuple[str, float | None, float | None, str]:
+    status = "ok" if all(v.ok for _, v in verdicts) else "fail"
+    maxes = [v.max_abs for _, v in verdicts if v.max_abs is not None]
+    rels = [v.rel for _, v in verdicts if v.rel is not None]
+    msgs = [f"[{label}] {v.message}" for label, v in verdicts if not v.ok]
+    return status, max(maxes) if maxes else None, max(rels) if rels else None, "; ".join(msgs)
+
+
+def cotangent(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """Seed 0 backpropagates ones (the usual training path); others a random cotangent."""
+    if seed == 0:
+        return torch.ones_like(out)
+    g = torch.Generator(device=out.device).manual_seed(1000 + seed)
+    return torch.rand(out.shape, generator=g, device=out.device, dtype=out.dtype) + 0.5
+
+
+def check_forward(spec: LossSpec, impl: Impl, inputs: dict, options: dict, tol) -> Verdict:
+    with torch.no_grad():
+        out = impl.fn(**inputs, **options)
+    ref = spec.reference(**_to64(inputs), **options)
+    return compare(out, ref, *tol)
+
+
+def check_gradient(spec: LossSpec, impl: Impl, inputs: dict, options: dict, tol,
+                   seed: int) -> Verdict:
+    names = spec.grad_names(inputs)
+    if not names:
+        return Verdict(True, None, None, "no inputs take gradients")
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in names else v)
+              for k, v in inputs.items()}
+    leaves64 = {k: (v.detach().double().requires_grad_(True) if k in names else v)
+                for k, v in _to64(inputs).items()}
+    out = impl.fn(**leaves, **options)
+    ref = spec.reference(**leaves64, **options)
+    verdicts = [("output", compare(out, ref, *tol))]
+    if not verdicts[0][1].ok:
+        return verdicts[0][1]
+    cot = cotangent(out, seed)
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], cot, allow_unused=True)
+    grads64 = torch.autograd.grad(ref, [leaves64[k] for k in names], cot.double(),
+                                  allow_unused=True)
+    for k, g, g64 in zip(names, grads, grads64):
+        g64 = torch.zeros_like(leaves64[k]) if g64 is None else g64
+        if g is None:
+            g = torch.zeros_like(leaves[k])
+        verdicts.append((f"grad {k}", compare(g, g64, *tol, what=f"grad of {k}")))
+    _, max_abs, rel, msg = _worst(verdicts)
+    return Verdict(all(v.ok for _, v in verdicts), max_abs, rel, msg)
+
+
+def gradcheck_reference(spec: LossSpec, device: str) -> Verdict:
+    n = min(8, min(spec.sizes["quick"]))
+    inputs = _to64(spec.make_inputs(Case(n=n, dtype=torch.float64, device=device, seed=7)))
+    names = spec.grad_names(inputs)
+    if not names:
+        return Verdict(True, None, None, "no inputs take gradients")
+    opts = dict(spec.options)
+
+    def f(*ts):
+        return spec.reference(**{**inputs, **dict(zip(names, ts))}, **opts)
+
+    ok = torch.autograd.gradcheck(
+        f, tuple(inputs[k].detach().requires_grad_(True) for k in names), raise_exception=True
+    )
+    return Verdict(bool(ok), None, None, f"torch.autograd.gradcheck at {spec.x_name}={n}")
+
+
+# ---------------------------------------------------------------- throughput
+def _n_input_sets(inputs: dict, device: str) -> int:
+    size = sum(t.numel() * t.element_size() for t in inputs.values() if torch.is_tensor(t))
+    target = ROTATION_BYTES[measure.device_type(device)]
+    return int(min(8, max(2, math.ceil(target / max(size, 1)))))
+
+
+def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict) -> dict[str, dict]:
+    """forward / backward / full timings and peak memory, rotating between input sets."""
+    device = case.device
+    first = spec.make_inputs(case)
+    sets = [first] + [
+        spec.make_inputs(Case(case.n, case.dtype, device, seed=case.seed + 1 + i,
+                              params=case.params))
+        for i in range(_n_input_sets(first, device) - 1)
+    ]
+    names = spec.grad_names(first)
+    leaves = [{k: (v.detach().requires_grad_(True) if k in names else v) for k, v in s.items()}
+              for s in sets]
+    budget = 0.3 if measure.device_type(device) == "cpu" else 0.15
+    warmup = 3 if impl.backend in ("compile", "triton") else 2
+
+    def fwd(i):
+        return lambda: impl.fn(**leaves[i % len(leaves)], **options)
+
+    def grads(out, i):
+        return torch.autograd.grad(out, [leaves[i % len(leaves)][k] for k in names],
+                                   torch.ones_like(out)) if names else None
+
+    def bwd(i):
+        out = impl.fn(**leaves[i % len(leaves)], **options)
+        return lambda: grads(out, i)
+
+    def full(i):
+        return lambda: grads(impl.fn(**leaves[i % len(leaves)], **options), i)
+
+    results: dict[str, dict] = {}
+    modes = {"forward": fwd, "backward": bwd, "full": full} if names else {"forward": fwd}
+    for mode, run in modes.items():
+        t = measure.time_calls(device, run, budget_s=budget, warmup=warmup)
+        if mode == "backward":
+            out = impl.fn(**leaves[0], **options)
+            peak = measure.peak_bytes(device, lambda: grads(out, 0))
+            del out
+        else:
+            peak = measure.peak_bytes(device, run(0))
+        results[mode] = {
+            "time_ms": t.median_ms, "time_ms_p20": t.p20_ms, "time_ms_p80": t.p80_ms,
+            "repeats": t.repeats, "peak_bytes": peak,
+            "bytes": spec.model("bytes", first, mode), "flops": spec.model("flops", first, mode),
+        }
+    return results
+
+
+# ---------------------------------------------------------------- running
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class RunState:
+    context: dict
+    device: str
+    writer: ResultWriter | None
+    peak_gbps: float | None = None
+    ref_times: dict = field(default_factory=dict)  # (loss, dtype, n, mode) -> ms
+    rows: list[dict] = field(default_factory=list)
+
+
+def _base_row(state: RunState, task: Task, params: dict) -> dict:
+    spec, impl = task.spec, task.impl
+    return {
+        **state.context,
+        "loss": spec.name, "family": spec.family, "impl": impl.name, "impl_kind": impl.kind,
+        "backend": impl.backend, "plugin": impl.plugin or spec.plugin, "dtype": task.dtype,
+        "x_name": spec.x_name, "n": task.n, "params": json.dumps(params, sort_keys=True,
+                                                                  default=str),
+    }
+
+
+def _error_message(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}"[:2000] + where
+
+
+def _guard(state: RunState, row: dict, fn: Callable[[], dict]) -> dict:
+    try:
+        row.update(fn())
+    except Exception as exc:  # noqa: BLE001 - one failing case is one error row
+        row.update(status="error", message=_error_message(exc))
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def _verdict_row(v: Verdict, tol) -> dict:
+    return {"status": "ok" if v.ok else "fail", "message": v.message or None,
+            "max_abs_err": v.max_abs, "rel_err": v.rel, "rtol": tol[0], "atol": tol[1]}
+
+
+def _option_sets(spec: LossSpec) -> list[dict]:
+    sets = [dict(spec.options)]
+    for extra in spec.check_options:
+        merged = {**spec.options, **extra}
+        if merged not in sets:
+            sets.append(merged)
+    return sets
+
+
+def run_checks(state: RunState, task: Task, all_options: bool) -> list[dict]:
+    spec, impl, device = task.spec, task.impl, state.device
+    dt = DTYPES[task.dtype]
+    tol = spec.tolerance(task.dtype)
+    rows = []
+    for options in (_option_sets(spec) if all_options else [dict(spec.options)]):
+        inputs = [spec.make_inputs(Case(task.n, dt, device, seed=s, params=options))
+                  for s in SEEDS]
+
+        def forward():
+            return _fold([(f"seed {s}", check_forward(spec, impl, inp, options, tol))
+                          for s, inp in zip(SEEDS, inputs)], tol)
+
+        def gradient():
+            return _fold([(f"seed {s}", check_gradient(spec, impl, inp, options, tol, s))
+                          for s, inp in zip(SEEDS, inputs)], tol)
+
+        for check, mode, fn in (("correctness", "forward", forward),
+                                ("gradient", "backward", gradient)):
+            row = _base_row(state, task, options)
+            row.update(check=check, mode=mode)
+            rows.append(_guard(state, row, fn))
+    return rows
+
+
+def _fold(verdicts: list[tuple[str, Verdict]], tol) -> dict:
+    status, max_abs, rel, msg = _worst(verdicts)
+    return {"status": status, "message": msg or None, "max_abs_err": max_abs, "rel_err": rel,
+            "rtol": tol[0], "atol": tol[1]}
+
+
+def run_edge_cases(state: RunState, spec: LossSpec, impl: Impl, dtype: str) -> list[dict]:
+    rows = []
+    dt = DTYPES[dtype]
+    tol = spec.tolerance(dtype)
+    for name, make in spec.edge_cases.items():
+        params = {**spec.options, "edge_case": name}
+        task = Task(spec, impl, dtype, 0)
+        row = _base_row(state, task, params)
+        row.update(check="correctness", mode="forward")
+
+        def run(make=make, row=row):
+            inputs = make(Case(1, dt, state.device, seed=11, params=dict(spec.options)))
+            row["n"] = next(v.numel() for v in inputs.values() if torch.is_tensor(v))
+            verdicts = [("forward", check_forward(spec, impl, inputs, dict(spec.options), tol)),
+                        ("gradient", check_gradient(spec, impl, inputs, dict(spec.options),
+                                                    tol, 1))]
+            return _fold(verdicts, tol)
+
+        rows.append(_guard(state, row, run))
+    return rows
+
+
+def run_throughput(state: RunState, task: Task) -> list[dict]:
+    spec, impl = task.spec, task.impl
+    options = dict(spec.options)
+    rows = []
+    modes = ("forward", "backward", "full")
+    if impl.backend == "triton" and measure.device_type(state.device) == "cpu":
+        for mode in modes:
+            row = _base_row(state, task, options)
+            row.update(check="throughput", mode=mode, status="skipped", message=INTERPRETER_SKIP)
+            rows.append(row)
+        return rows
+    try:
+        case = Case(task.n, DTYPES[task.dtype], state.device, seed=100, params=options)
+        measured = measure_throughput(spec, impl, case, options)
+    except Exception as exc:  # noqa: BLE001
+        row = _base_row(state, task, options)
+        row.update(check="throughput", mode="full", status="error", message=_error_message(exc))
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [row]
+    for mode, m in measured.items():
+        row = _base_row(state, task, options)
+        t = m["time_ms"]
+        key = (spec.name, task.dtype, task.n, mode)
+        if impl.kind == "reference":
+            state.ref_times[key] = t
+        gbps = m["bytes"] / (t * 1e-3) / 1e9 if m["bytes"] and t > 0 else None
+        row.update(
+            check="throughput", mode=mode, status="ok",
+            message="gradient computed in the forward" if (impl.grad_in_forward
+                                                            and mode == "backward") else None,
+            time_ms=t, time_ms_p20=m["time_ms_p20"], time_ms_p80=m["time_ms_p80"],
+            repeats=m["repeats"], peak_bytes=m["peak_bytes"], gbps=gbps,
+            tflops=m["flops"] / (t * 1e-3) / 1e12 if m["flops"] and t > 0 else None,
+            speedup=(state.ref_times[key] / t) if key in state.ref_times and t > 0 else None,
+            peak_gbps=state.peak_gbps,
+            bw_fraction=(gbps / state.peak_gbps) if gbps and state.peak_gbps else None,
+        )
+        rows.append(row)
+    return rows
+
+
+def _skipped_rows(state: RunState, task: Task, reason: str, checks: Iterable[str]) -> list[dict]:
+    rows = []
+    for check in checks:
+        row = _base_row(state, task, dict(task.spec.options))
+        row.update(check=check, mode="forward" if check == "correctness" else
+                   ("backward" if check == "gradient" else "full"),
+                   status="skipped", message=reason)
+        rows.append(row)
+    return rows
+
+
+def execute(
+    names: Sequence[str] | None = None, *, device: str = "auto",
+    dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
+    sizes: str = "quick", throughput: bool = False, out: str | Path | None = None,
+    registry: Registry | None = None, progress: ProgressFn | None = None,
+):
+    """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None)."""
+    import pandas as pd
+
+    from .results import to_table
+
+    registry = registry or default_registry()
+    device = measure.resolve_device(device)
+    plan = make_plan(registry, names, device, dtypes, impls, sizes)
+    context = run_context(device)
+    writer = ResultWriter(out, context["run_id"]) if out is not None else None
+    state = RunState(context, device, writer)
+    if throughput:
+        state.peak_gbps = measure.copy_bandwidth_gbps(device)
+    checks = ("correctness", "gradient") + (("throughput",) if throughput else ())
+
+    def emit(rows: list[dict]) -> None:
+        state.rows.extend(rows)
+        if writer is not None:
+            writer.write(rows)
+
+    gradchecked: set[str] = set()
+    edge_done: set[tuple] = set()
+    try:
+        for task, reason in plan.skipped:
+            emit(_skipped_rows(state, task, reason, checks))
+        for i, task in enumerate(plan.tasks):
+            spec, impl = task.spec, task.impl
+            if progress:
+                progress(f"[{i + 1}/{len(plan.tasks)}] {spec.name} {impl.name} {task.dtype} "
+                         f"{spec.x_name}={task.n}")
+            rows: list[dict] = []
+            if impl.kind == "reference" and spec.name not in gradchecked:
+                gradchecked.add(spec.name)
+                row = _base_row(state, Task(spec, impl, "float64", 0), dict(spec.options))
+                row.update(check="gradient", mode="backward")
+                row = _guard(state, row, lambda: _verdict_row(
+                    gradcheck_reference(spec, device), (None, None)))
+                row["rtol"] = row["atol"] = None
+                row["n"] = min(8, min(spec.sizes["quick"]))
+                rows.append(row)
+            if (spec.name, impl.name, task.dtype) not in edge_done:
+                edge_done.add((spec.name, impl.name, task.dtype))
+                rows += run_edge_cases(state, spec, impl, task.dtype)
+            rows += run_checks(state, task, all_options=not throughput or task.n == min(
+                spec.sizes[sizes]))
+            if throughput:
+                rows += run_throughput(state, task)
+            emit(rows)
+    finally:
+        if writer is not None:
+            writer.finish()
+    df = to_table(state.rows).to_pandas() if state.rows else pd.DataFrame(columns=list(
+        to_table([]).schema.names))
+    return df, writer
+
+
+def check(names: Sequence[str] | None = None, **kwargs):
+    """Correctness and gradient rows (no timing) as a DataFrame."""
+    kwargs.setdefault("sizes", "quick")
+    df, _ = execute(names, throughput=False, **kwargs)
+    return df
+
+
+def bench(names: Sequence[str] | None = None, *, out: str | Path = "results", plots: bool = True,
+          **kwargs):
+    """Correctness, gradient and throughput rows, written under `out` as the run goes."""
+    kwargs.setdefault("sizes", "default")
+    df, writer = execute(names, throughput=True, out=out, **kwargs)
+    if plots and len(df):
+        from .plots import plot_run
+
+        plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")
+    return df

@@ -1,0 +1,75 @@
+"""Triton kernel templates shared by all losses (and usable by third-party plugins).
+
+Triton is optional: without it, `jit` leaves functions as plain Python and `tl` is a
+stand-in, so plugin modules that define kernels still import; their implementations
+declare ``requires=("triton",)`` and show as unavailable.
+
+Without a visible GPU, Triton kernels can only run under the interpreter, so importing
+this package turns ``TRITON_INTERPRET=1`` on by default when CUDA is not available (it
+must be set before any kernel is defined). An explicit ``TRITON_INTERPRET`` wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+
+    def jit(fn=None, **kwargs):
+        """``triton.jit`` that also makes ``tl`` visible to the function (the
+        interpreter needs ``triton.language`` among a kernel's globals)."""
+
+        def wrap(f):
+            f.__globals__.setdefault("tl", tl)
+            return triton.jit(f, **kwargs)
+
+        return wrap(fn) if fn is not None else wrap
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    HAVE_TRITON = False
+
+    class _MissingTriton:
+        def __getattr__(self, name):
+            raise ImportError("triton is not installed (pip install 'lossreg[dev]' on Linux)")
+
+    tl = _MissingTriton()
+
+    def jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors under the interpreter."""
+    return HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Every kernel instance built from a template, so that one test compiles them all
+#: ahead of time for sm_80 and sm_90. Filled by the templates at definition time.
+TEMPLATE_INSTANCES: list = []
+
+
+def template_instances() -> list:
+    return list(TEMPLATE_INSTANCES)
+
+
+from .pointwise import PointwiseLoss, pointwise_loss  # noqa: E402
+
+__all__ = [
+    "HAVE_TRITON",
+    "PointwiseLoss",
+    "interpreting",
+    "jit",
+    "pointwise_loss",
+    "template_instances",
+    "tl",
+    "triton",
+]

@@ -1,0 +1,166 @@
+"""Devices, timing, peak memory and copy bandwidth."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+class DeviceError(ValueError):
+    """The requested device is not usable here."""
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; validate the others."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch")
+        return device
+    raise DeviceError(f"unknown device {device!r}: expected auto, cpu or cuda")
+
+
+def device_type(device: str) -> str:
+    return torch.device(device).type
+
+
+def device_name(device: str) -> str:
+    if device_type(device) == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def synchronize(device: str) -> None:
+    if device_type(device) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_calls(
+    device: str,
+    run: Callable[[int], Callable[[], object]],
+    budget_s: float = 0.2,
+    min_repeats: int = 5,
+    max_repeats: int = 200,
+    warmup: int = 2,
+) -> Timing:
+    """Time ``run(i)()`` for rotating i: ``run(i)`` does untimed set-up (e.g. a forward
+    pass before timing a backward) and returns the callable to time.
+
+    CUDA events on a GPU, a synchronized ``perf_counter`` on a CPU. The number of
+    repeats fills ``budget_s`` after warm-up, within [min_repeats, max_repeats].
+    """
+    cuda = device_type(device) == "cuda"
+    for i in range(warmup):
+        run(i)()
+    synchronize(device)
+
+    def once(i: int) -> float:
+        fn = run(i)
+        synchronize(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    first = once(0)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
+    samples = [once(i) for i in range(1, repeats + 1)]
+    return Timing(statistics.median(samples), _quantile(samples, 0.2),
+                  _quantile(samples, 0.8), repeats)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native side prints start/stop lines on fd 2; keep them off the terminal."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak rise of live CPU tensor memory while `fn` runs.
+
+    The profiler's memory events record every allocation and free of torch's CPU
+    allocator with its size; the running sum of those deltas, in time order, peaks at
+    the answer. Memory freed during `fn` that was allocated before it counts as a
+    negative delta and never raises the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    current = peak = 0
+    for _, nbytes in sorted(events, key=lambda ev: ev[0]):
+        current += nbytes
+        peak = max(peak, current)
+    return int(peak)
+
+
+def peak_bytes(device: str, fn: Callable[[], object]) -> int:
+    """Rise of peak allocated memory above the pre-call baseline while `fn` runs."""
+    if device_type(device) == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    return cpu_peak_bytes(fn)
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int | None = None) -> float:
+    """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    cuda = device_type(device) == "cuda"
+    nbytes = nbytes or (1 << 30 if cuda else 1 << 26)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_calls(device, lambda i: (lambda: dst.copy_(src)), budget_s=0.2, min_repeats=5,
+                   max_repeats=50)
+    best = t.p20_ms
+    return 2 * nbytes / (best * 1e-3) / 1e9

@@ -1,0 +1,162 @@
+"""The results dataset: one fixed Parquet schema, rows written as a run goes.
+
+Layout under ``out``::
+
+    <out>/<run_id>/part-00000.parquet   while the run goes (one file per case, atomic)
+    <out>/run-<run_id>.parquet          the run, consolidated once it finished
+    <out>/plots/_<run_id>/*.png         its plots
+
+A crash or Ctrl-C leaves the part files, which read like any other. The plots folder
+starts with ``_`` because Parquet readers (``pandas.read_parquet(out)``) skip names
+starting with ``_`` or ``.``, and would otherwise choke on the PNGs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("lossreg_version", pa.string()),
+        ("git_commit", pa.string()),
+        ("hostname", pa.string()),
+        ("device_type", pa.string()),
+        ("device_name", pa.string()),
+        ("torch_version", pa.string()),
+        ("triton_version", pa.string()),
+        ("python_version", pa.string()),
+        ("loss", pa.string()),
+        ("family", pa.string()),
+        ("impl", pa.string()),
+        ("impl_kind", pa.string()),
+        ("backend", pa.string()),
+        ("plugin", pa.string()),
+        ("check", pa.string()),
+        ("mode", pa.string()),
+        ("dtype", pa.string()),
+        ("x_name", pa.string()),
+        ("n", pa.int64()),
+        ("params", pa.string()),
+        ("status", pa.string()),
+        ("message", pa.string()),
+        ("max_abs_err", pa.float64()),
+        ("rel_err", pa.float64()),
+        ("atol", pa.float64()),
+        ("rtol", pa.float64()),
+        ("time_ms", pa.float64()),
+        ("time_ms_p20", pa.float64()),
+        ("time_ms_p80", pa.float64()),
+        ("repeats", pa.int64()),
+        ("gbps", pa.float64()),
+        ("tflops", pa.float64()),
+        ("peak_bytes", pa.int64()),
+        ("speedup", pa.float64()),
+        ("peak_gbps", pa.float64()),
+        ("bw_fraction", pa.float64()),
+    ]
+)
+COLUMNS = SCHEMA.names
+STATUSES = ("ok", "fail", "error", "skipped")
+
+
+def to_table(rows: Iterable[dict]) -> pa.Table:
+    rows = list(rows)
+    unknown = {k for r in rows for k in r} - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"rows carry columns outside the schema: {sorted(unknown)}")
+    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a hidden temporary name in the same folder, then rename into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ResultWriter:
+    """Appends rows for one run; each `write` is one atomic Parquet file."""
+
+    def __init__(self, out: str | os.PathLike, run_id: str):
+        self.out = Path(out)
+        self.run_id = run_id
+        self.part_dir = self.out / run_id
+        self.final = self.out / f"run-{run_id}.parquet"
+        self.parts = 0
+        self.rows = 0
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.part_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(to_table(rows), self.part_dir / f"part-{self.parts:05d}.parquet")
+        self.parts += 1
+        self.rows += len(rows)
+
+    def finish(self) -> Path | None:
+        """Consolidate the parts into one file; the parts go only once it is in place."""
+        if not self.parts:
+            return None
+        table = pa.concat_tables(
+            pq.read_table(p, schema=SCHEMA) for p in sorted(self.part_dir.glob("part-*.parquet"))
+        )
+        write_atomic(table, self.final)
+        trash = self.out / f"_{self.run_id}.parts-done"
+        os.replace(self.part_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return self.final
+
+    @property
+    def location(self) -> Path:
+        return self.final if self.final.exists() else self.part_dir
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.relative_to(root).parts)
+
+
+def load_results(path: str | os.PathLike = "results", strict: bool = False) -> pd.DataFrame:
+    """Every row under `path` (a directory of runs, or one Parquet file) as a DataFrame.
+
+    Files written before a column existed load with nulls in it. A file that is not
+    readable Parquet of this schema is skipped with a warning naming it, or raises
+    with ``strict=True``.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no results at {str(root)!r}")
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*.parquet") if not _hidden(p, root))
+    tables = []
+    for f in files:
+        try:
+            t = pq.read_table(f)
+            missing = [c for c in COLUMNS if c not in t.column_names]
+            if "loss" not in t.column_names or "status" not in t.column_names:
+                raise ValueError("not a lossreg results file (no loss/status columns)")
+            for c in missing:
+                t = t.append_column(c, pa.nulls(t.num_rows, SCHEMA.field(c).type))
+            extra = [c for c in t.column_names if c not in COLUMNS]
+            t = t.select(COLUMNS + extra)
+            t = t.cast(pa.schema([SCHEMA.field(c) for c in COLUMNS]
+                                 + [t.schema.field(c) for c in extra]))
+            tables.append(t)
+        except Exception as exc:  # noqa: BLE001
+            if strict:
+                raise ValueError(f"unreadable results file {str(f)!r}: {exc}") from exc
+            warnings.warn(f"skipping unreadable results file {str(f)!r}: {exc}", stacklevel=2)
+    if not tables:
+        return SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables(tables, promote_options="default").to_pandas()

@@ -1,0 +1,234 @@
+"""What a plugin registers: `LossSpec` (the loss), `Impl` (one way to compute it), and
+`Case` (one concrete problem the harness hands to `make_inputs`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: Default tolerances against the float64 reference: (rtol on ||out-ref||/||ref||, atol on max abs).
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (2e-3, 2e-3),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+IMPL_KINDS = ("reference", "optimized", "baseline")
+BACKENDS_BUILTIN = ("torch", "triton", "compile")
+
+
+class SpecError(ValueError):
+    """A plugin registered something malformed."""
+
+
+def check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpecError(
+            f"{what} name {name!r} is invalid: expected lower snake case "
+            "(letters, digits and '_', starting with a letter)"
+        )
+    return name
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Case:
+    """One problem instance: `make_inputs(case)` turns it into keyword tensors."""
+
+    n: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def randn(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.randn(
+            *shape, dtype=dtype or self.dtype, device=self.device, generator=self.generator
+        )
+
+    def rand(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.rand(
+            *shape, dtype=dtype or self.dtype, device=self.device, generator=self.generator
+        )
+
+    def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(low, high, shape, device=self.device, generator=self.generator)
+
+
+@dataclass
+class Impl:
+    """One implementation of a loss. `fn` has the reference's signature."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    kind: str = "optimized"
+    backend: str = "torch"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] | None = None
+    grad_in_forward: bool = False
+    requires: tuple[str, ...] = ()
+    description: str = ""
+    #: Filled in by the registry: which plugin registered this implementation.
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "implementation")
+        if not callable(self.fn):
+            raise SpecError(f"implementation {self.name!r}: fn is not callable")
+        if self.kind not in IMPL_KINDS:
+            raise SpecError(
+                f"implementation {self.name!r}: kind {self.kind!r} is not one of {IMPL_KINDS}"
+            )
+        self.devices = tuple(self.devices)
+        self.requires = tuple([self.requires] if isinstance(self.requires, str) else self.requires)
+        if self.dtypes is not None:
+            bad = [d for d in self.dtypes if d not in DTYPES]
+            if bad:
+                raise SpecError(
+                    f"implementation {self.name!r}: unknown dtypes {bad}, expected {list(DTYPES)}"
+                )
+            self.dtypes = tuple(self.dtypes)
+
+    def missing_requirements(self) -> list[str]:
+        """Modules in `requires` that do not import (the implementation is then unavailable)."""
+        import importlib.util
+
+        missing = []
+        for mod in self.requires:
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    missing.append(mod)
+            except (ImportError, ValueError):
+                missing.append(mod)
+        return missing
+
+    def supports(self, device_type: str, dtype: str) -> str | None:
+        """None when this implementation can run the case, else the reason it cannot."""
+        missing = self.missing_requirements()
+        if missing:
+            return f"requires {', '.join(missing)} (not installed)"
+        if device_type not in self.devices:
+            return f"runs on {', '.join(self.devices)}, not {device_type}"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"supports dtypes {', '.join(self.dtypes)}, not {dtype}"
+        return None
+
+
+def _default_bytes_moved(inputs: Mapping[str, Any], grad_inputs: Sequence[str]) -> dict:
+    read = sum(t.numel() * t.element_size() for t in inputs.values() if torch.is_tensor(t))
+    write = sum(
+        inputs[k].numel() * inputs[k].element_size() for k in grad_inputs if k in inputs
+    )
+    return {"forward": read, "backward": read + write, "full": read + write}
+
+
+@dataclass
+class LossSpec:
+    """A loss: its formula, reference implementation and how to make inputs for it.
+
+    `bytes_moved(inputs)` and `flops(inputs)` return a number (taken as the full
+    fwd+bwd figure) or a dict with keys among forward/backward/full. The default
+    bytes model is the minimum a fused implementation must move: every input read
+    once (forward), plus every gradient written once (backward, full).
+    """
+
+    name: str
+    family: str
+    formula: str
+    reference: Callable[..., torch.Tensor]
+    make_inputs: Callable[[Case], dict[str, Any]]
+    title: str = ""
+    description: str = ""
+    citation: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    grad_inputs: tuple[str, ...] | None = None
+    sizes: dict[str, list[int]] = field(
+        default_factory=lambda: {
+            "quick": [1000, 4099],
+            "default": [2**12, 2**16, 2**20],
+            "large": [2**20, 2**24, 2**26],
+        }
+    )
+    x_name: str = "n"
+    bytes_moved: Callable[[Mapping[str, Any]], Any] | None = None
+    flops: Callable[[Mapping[str, Any]], Any] | None = None
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: name -> make_inputs-like callable: extra inputs the correctness check must pass on.
+    edge_cases: dict[str, Callable[[Case], dict[str, Any]]] = field(default_factory=dict)
+    #: option sets (besides `options`) the checks also run, e.g. each reduction.
+    check_options: list[dict[str, Any]] = field(default_factory=list)
+    #: Filled in by the registry.
+    plugin: str = ""
+    implementations: dict[str, Impl] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "loss")
+        if not isinstance(self.family, str) or not self.family:
+            raise SpecError(f"loss {self.name!r}: family must be a non-empty string")
+        if not isinstance(self.formula, str) or not self.formula.strip():
+            raise SpecError(f"loss {self.name!r}: formula (LaTeX) is missing")
+        if not callable(self.reference):
+            raise SpecError(f"loss {self.name!r}: reference is not callable")
+        if not callable(self.make_inputs):
+            raise SpecError(f"loss {self.name!r}: make_inputs is not callable")
+        for preset in ("quick", "default", "large"):
+            sizes = self.sizes.get(preset)
+            if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
+                raise SpecError(
+                    f"loss {self.name!r}: sizes[{preset!r}] must be a non-empty list of "
+                    f"positive ints, got {sizes!r}"
+                )
+        for dt, tol in self.tolerances.items():
+            if dt not in DTYPES or len(tuple(tol)) != 2:
+                raise SpecError(
+                    f"loss {self.name!r}: tolerances[{dt!r}] must map a dtype in "
+                    f"{list(DTYPES)} to (rtol, atol)"
+                )
+        self.title = self.title or self.name.replace("_", " ")
+        self.implementations = {
+            "reference": Impl("reference", self.reference, kind="reference", plugin=self.plugin)
+        }
+
+    def tolerance(self, dtype: str) -> tuple[float, float]:
+        return tuple(self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype]))
+
+    def grad_names(self, inputs: Mapping[str, Any]) -> list[str]:
+        if self.grad_inputs is not None:
+            return [k for k in self.grad_inputs if k in inputs]
+        return [k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()]
+
+    def model(self, which: str, inputs: Mapping[str, Any], mode: str) -> float | None:
+        """bytes or flops for `mode` from the spec's model (None when not modelled)."""
+        fn = self.bytes_moved if which == "bytes" else self.flops
+        if fn is None:
+            if which != "bytes":
+                return None
+            value = _default_bytes_moved(inputs, self.grad_names(inputs))
+        else:
+            value = fn(inputs)
+        if isinstance(value, Mapping):
+            value = value.get(mode)
+        elif mode != "full":
+            return None
+        return None if value is None else float(value)
