@@ -165,20 +165,23 @@ class PointwiseLoss:
             )
         return _PointwiseFunction.apply(input, target, self.term, reduction, float(p0), float(p1))
 
-    def aot_sources(self, dtype: str = "fp32") -> list[tuple[Any, dict, dict]]:
-        """(kernel, signature, constexprs) for each kernel this loss launches."""
+    def aot_sources(self, dtype: str = "fp32") -> list[tuple[Any, dict, dict, dict]]:
+        """(kernel, signature, constexprs, compile options) for each kernel it launches."""
         acc = "fp64" if dtype == "fp64" else "fp32"
         p = f"*{dtype}"
         acc_c = tl.float64 if dtype == "fp64" else tl.float32
         common = {"TERM": self.term, "ACC": acc_c, "BLOCK": BLOCK}
+        opts = {"num_warps": NUM_WARPS}
         fwd_sig = {"X": p, "Y": p, "OUT": f"*{acc}", "DX": p, "DY": p, "n": "i64",
                    "denom": "i64", "p0": "fp32", "p1": "fp32"}
         bwd_sig = {"X": p, "Y": p, "G": p, "DX": p, "DY": p, "n": "i64",
                    "p0": "fp32", "p1": "fp32"}
         return [
             (_pointwise_fwd, fwd_sig,
-             {**common, "REDUCE": True, "WRITE_DX": True, "WRITE_DY": True}),
-            (_pointwise_bwd, bwd_sig, {**common, "WRITE_DX": True, "WRITE_DY": True}),
+             {**common, "REDUCE": True, "WRITE_DX": True, "WRITE_DY": True}, opts),
+            (_pointwise_fwd, fwd_sig,
+             {**common, "REDUCE": False, "WRITE_DX": False, "WRITE_DY": False}, opts),
+            (_pointwise_bwd, bwd_sig, {**common, "WRITE_DX": True, "WRITE_DY": True}, opts),
         ]
 
 
