@@ -309,7 +309,7 @@ def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict) ->
 
 
 # ---------------------------------------------------------------- running
-ProgressFn = Callable[[str], None]
+ProgressFn = Callable[[int, int, str], None]  # (cases done, cases in all, current case)
 
 
 @dataclass
@@ -504,8 +504,8 @@ def execute(
         for i, task in enumerate(plan.tasks):
             spec, impl = task.spec, task.impl
             if progress:
-                progress(f"[{i + 1}/{len(plan.tasks)}] {spec.name} {impl.name} {task.dtype} "
-                         f"{spec.x_name}={task.n}")
+                progress(i, len(plan.tasks),
+                         f"{spec.name} {impl.name} {task.dtype} {spec.x_name}={task.n}")
             rows: list[dict] = []
             if impl.kind == "reference" and spec.name not in gradchecked:
                 gradchecked.add(spec.name)
@@ -524,6 +524,8 @@ def execute(
             if throughput:
                 rows += run_throughput(state, task)
             emit(rows)
+        if progress and plan.tasks:
+            progress(len(plan.tasks), len(plan.tasks), "done")
     finally:
         if writer is not None:
             writer.finish()

@@ -37,6 +37,13 @@ def device_type(device: str) -> str:
 def device_name(device: str) -> str:
     if device_type(device) == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 

@@ -25,6 +25,13 @@ from .spec import Impl, LossSpec, SpecError
 GROUP = "lossreg"
 
 
+class UnknownLossError(KeyError):
+    """No loss of that name; the message suggests the closest names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class PluginError(RuntimeError):
     """A plugin failed to load while LOSSREG_STRICT_PLUGINS=1."""
 
@@ -188,7 +195,9 @@ class Registry:
         try:
             return self.losses[name]
         except KeyError:
-            raise KeyError(f"unknown loss {name!r}{_suggest(name, self.losses)}") from None
+            raise UnknownLossError(
+                f"unknown loss {name!r}{_suggest(name, self.losses)}"
+            ) from None
 
     def list(self, family: str | None = None) -> list[LossSpec]:
         specs = sorted(self.losses.values(), key=lambda s: (s.family, s.name))

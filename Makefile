@@ -1,0 +1,40 @@
+SHELL := /bin/bash
+# `make test` and `make bench` set themselves up on a fresh machine: they (re)create
+# .venv whenever pyproject.toml changes. `make gpu-check` runs on the lent GPU machine,
+# whose system python3 already has every dependency and no network.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build of torch (the pinned file installs in seconds here; a bare `torch` pulls CUDA).
+TORCH  ?= torch==2.13.0
+OUT    ?=
+GPU_OUT := $(if $(OUT),$(OUT),results/gpu)
+
+.PHONY: test bench gpu-check aot lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/lossreg bench --device auto --sizes default --out results
+
+aot: $(STAMP)
+	$(BIN)/python -m lossreg.kernels.aot
+
+lint: $(STAMP)
+	$(BIN)/ruff check lossreg plugins tests benchmarks
+
+gpu-check:
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; python3 -m lossreg.gpu_check --out $(GPU_OUT) 2>&1 | tee $(GPU_OUT)/gpu-check.log
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

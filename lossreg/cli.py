@@ -1,0 +1,310 @@
+"""The ``lossreg`` command line. Bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Bad(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _friendly(fn):
+    """Turn the errors users cause into one line and exit 2, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .harness import HarnessError
+        from .measure import DeviceError
+        from .registry import PluginError, UnknownLossError
+
+        try:
+            return fn(*args, **kwargs)
+        except (Bad, HarnessError, DeviceError, PluginError, UnknownLossError) as exc:
+            _die(str(exc).splitlines()[0])
+
+    return wrapper
+
+
+def _die(message: str, code: int = 2):
+    click.echo(f"lossreg: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _registry():
+    from .registry import default_registry
+
+    return default_registry()
+
+
+def _names(names):
+    reg = _registry()
+    for n in names:
+        reg.get(n)  # KeyError with suggestions
+    return list(names) or None
+
+
+def _device(device: str) -> str:
+    from .measure import resolve_device
+
+    return resolve_device(device)
+
+
+def _table(df, cols) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.max_colwidth", 80):
+        return df[cols].to_string(index=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lossreg")
+def main():
+    """lossreg: loss functions, their reference and optimized implementations, and proof
+    that each computes the same loss and gradients, with timings."""
+
+
+@main.command("list")
+@click.option("--family", help="only losses of this family")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_friendly
+def list_cmd(family, as_json):
+    """List registered losses."""
+    specs = _registry().list(family)
+    if family and not specs:
+        families = sorted({s.family for s in _registry().list()})
+        raise Bad(f"no family {family!r}; known: {', '.join(families)}")
+    if as_json:
+        click.echo(json.dumps([
+            {"name": s.name, "family": s.family, "title": s.title, "plugin": s.plugin,
+             "implementations": list(s.implementations)} for s in specs], indent=2))
+        return
+    for s in specs:
+        click.echo(f"{s.name:<28} {s.family:<20} {', '.join(s.implementations)}")
+
+
+@main.command()
+@click.argument("name")
+@_friendly
+def show(name):
+    """Formula, options, implementations and citation of one loss."""
+    s = _registry().get(name)
+    click.echo(f"{s.name} — {s.title}")
+    click.echo(f"family:    {s.family} (plugin {s.plugin})")
+    click.echo(f"formula:   {s.formula}")
+    if s.description:
+        click.echo(f"about:     {s.description}")
+    click.echo(f"options:   {json.dumps(s.options)}")
+    click.echo(f"sizes:     " + "; ".join(f"{k}={v}" for k, v in s.sizes.items())
+               + f" ({s.x_name})")
+    if s.citation:
+        click.echo(f"citation:  {s.citation}")
+    click.echo("implementations:")
+    for impl in s.implementations.values():
+        flags = ", ".join(filter(None, [impl.kind, impl.backend, "/".join(impl.devices),
+                                        "grad in forward" if impl.grad_in_forward else ""]))
+        missing = impl.missing_requirements()
+        note = f"  [unavailable: needs {', '.join(missing)}]" if missing else ""
+        click.echo(f"  {impl.name:<14} {flags}{note}"
+                   + (f" — {impl.description}" if impl.description else ""))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_friendly
+def plugins(as_json):
+    """Plugins found through the `lossreg` entry points, and what each registered."""
+    infos = list(_registry().plugins.values())
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo("no plugins loaded")
+    for i in infos:
+        dist = f"{i.dist} {i.version}".strip() or "-"
+        click.echo(f"{i.name:<22} {i.status:<7} {dist:<24} {i.value}")
+        if i.error:
+            click.echo(f"    error: {i.error}")
+        for w in i.warnings:
+            click.echo(f"    warning: {w}")
+        if i.losses:
+            click.echo(f"    losses: {', '.join(i.losses)}")
+        if i.implementations:
+            click.echo(f"    implementations: {', '.join(i.implementations)}")
+
+
+def _common(f):
+    f = click.option("--impl", "impls", multiple=True, help="implementation(s) to run")(f)
+    f = click.option("--dtype", "dtypes", multiple=True,
+                     help="float32, bfloat16, float16, float64 (repeatable)")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when visible, else CPU), cpu or cuda")(f)
+    return f
+
+
+def _status_counts(df) -> str:
+    counts = df["status"].value_counts()
+    return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "fail", "error", "skipped"))
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@_common
+@click.option("--sizes", default="quick", show_default=True, help="quick, default or large")
+@click.option("--out", type=click.Path(file_okay=False), help="also write the rows here")
+@_friendly
+def check(names, device, dtypes, impls, sizes, out):
+    """Correctness and gradients against the float64 reference; exit 1 on any failure."""
+    from .harness import execute
+
+    names = _names(names)
+    progress = _progress_printer()
+    df, _ = execute(names, device=_device(device), dtypes=dtypes or None, impls=impls or None,
+                    sizes=sizes, out=out, progress=progress)
+    if progress:
+        click.echo("", err=True)
+    bad = df[df["status"].isin(["fail", "error"])]
+    if len(bad):
+        click.echo(_table(bad, ["loss", "impl", "dtype", "n", "check", "status", "message"]))
+    click.echo(f"{len(df)} rows: {_status_counts(df)}")
+    sys.exit(1 if len(bad) else 0)
+
+
+def _progress_printer():
+    """A progress bar redrawn in place on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, msg: str):
+        width = 24
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        click.echo(f"\r\033[K[{bar}] {done}/{total} {msg}", nl=False, err=True)
+
+    return show
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@_common
+@click.option("--sizes", default="default", show_default=True, help="quick, default or large")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@_friendly
+def bench(names, device, dtypes, impls, sizes, out, no_plots):
+    """Checks plus forward/backward/full timings and memory, written as Parquet."""
+    from .harness import execute
+    from .plots import plot_run
+
+    names = _names(names)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Bad(f"cannot write results to {out!r}: {exc.strerror}") from None
+    progress = _progress_printer()
+    try:
+        df, writer = execute(names, device=_device(device), dtypes=dtypes or None,
+                             impls=impls or None, sizes=sizes, out=out, throughput=True,
+                             progress=progress)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the rows of every finished case are kept under "
+                   f"{out}", err=True)
+        sys.exit(130)
+    if progress:
+        click.echo("", err=True)
+    plots = [] if no_plots else plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")
+    click.echo(summary(df))
+    click.echo(f"\n{len(df)} rows ({_status_counts(df)}) -> {writer.location}")
+    for p in plots:
+        click.echo(f"plot: {p}")
+
+
+def summary(df) -> str:
+    """One line per loss/impl/dtype at its largest n: full-mode throughput and check status."""
+    import pandas as pd
+
+    t = df[(df["check"] == "throughput") & (df["status"] == "ok")]
+    t = t[t["mode"] == "full"] if (t["mode"] == "full").any() else t
+    if t.empty:
+        return "(no throughput rows)"
+    t = t[t.groupby(["loss", "impl", "dtype"])["n"].transform("max") == t["n"]]
+    checks = df[df["check"] != "throughput"].groupby(["loss", "impl", "dtype"])["status"].agg(
+        lambda s: "ok" if (s == "ok").all() else ",".join(sorted(set(s) - {"ok"})))
+    view = t.set_index(["loss", "impl", "dtype"]).join(checks.rename("checks")).reset_index()
+    view = pd.DataFrame({
+        "loss": view["loss"], "impl": view["impl"], "dtype": view["dtype"], "n": view["n"],
+        "ms": view["time_ms"].map(lambda v: f"{v:.4g}"),
+        "speedup": view["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x"),
+        "GB/s": view["gbps"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+        "bw": view["bw_fraction"].map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
+        "peak MiB": (view["peak_bytes"] / 2**20).map(lambda v: f"{v:.1f}"),
+        "checks": view["checks"].fillna("-"),
+    })
+    return view.to_string(index=False)
+
+
+def _load(path: str):
+    from .results import load_results
+
+    try:
+        df = load_results(path)
+    except (FileNotFoundError, OSError) as exc:
+        raise Bad(f"cannot read results at {path!r}: {exc}") from None
+    if df.empty:
+        raise Bad(f"no results rows found under {path!r}")
+    return df
+
+
+@main.command()
+@click.argument("results", default="results")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="folder for the PNGs (default: RESULTS/plots/_all)")
+@_friendly
+def plot(results, out):
+    """Plot a results set (all its runs)."""
+    from .plots import plot_run
+
+    df = _load(results)
+    out = out or str(Path(results) / "plots" / "_all")
+    written = plot_run(df, out)
+    if not written:
+        raise Bad(f"no throughput rows with status ok under {results!r} to plot")
+    for p in written:
+        click.echo(f"plot: {p}")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("new")
+@click.option("--threshold", default="5%", show_default=True,
+              help="slowdown that counts as a regression, e.g. 5% or 0.05")
+@click.option("--format", "fmt", default="text", show_default=True,
+              help="text or markdown")
+@_friendly
+def compare(base, new, threshold, fmt):
+    """Ratio of median times NEW/BASE per loss/impl/dtype/n/mode/device; exit 1 on a
+    regression past the threshold (outside the p20-p80 noise band)."""
+    from .compare import compare as do_compare
+    from .compare import format_table, parse_threshold
+
+    if fmt not in ("text", "markdown"):
+        raise Bad(f"unknown format {fmt!r}: expected text or markdown")
+    try:
+        thr = parse_threshold(threshold)
+    except ValueError as exc:
+        raise Bad(str(exc)) from None
+    table = do_compare(_load(base), _load(new), thr)
+    click.echo(format_table(table, fmt))
+    sys.exit(1 if (table["verdict"] == "regression").any() else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Compare the throughput of two result sets.
+
+Rows join on loss/impl/dtype/n/mode/device_name. A row regressed when its median
+time grew past the threshold *and* its p20-p80 range does not overlap the base's:
+a change inside the noise band is not a regression.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+KEYS = ["loss", "impl", "dtype", "n", "mode", "device_name"]
+
+
+def parse_threshold(text: str | float) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise ValueError(f"threshold {text!r} is not a number or percentage like 5%") from None
+    if not 0 <= value < 10:
+        raise ValueError(f"threshold {text!r} must be between 0% and 1000%")
+    return value
+
+
+def _timings(df: pd.DataFrame) -> pd.DataFrame:
+    t = df[(df["check"] == "throughput") & (df["status"] == "ok")]
+    return t.groupby(KEYS, dropna=False)[["time_ms", "time_ms_p20", "time_ms_p80"]].median()
+
+
+def compare(base: pd.DataFrame, new: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
+    joined = _timings(base).merge(_timings(new), left_index=True, right_index=True,
+                                  suffixes=("_base", "_new"), how="inner")
+    joined = joined.reset_index()
+    joined["ratio"] = joined["time_ms_new"] / joined["time_ms_base"]
+    disjoint_slower = joined["time_ms_p20_new"] > joined["time_ms_p80_base"]
+    disjoint_faster = joined["time_ms_p80_new"] < joined["time_ms_p20_base"]
+    verdict = pd.Series("unchanged", index=joined.index)
+    verdict[(joined["ratio"] > 1 + threshold) & disjoint_slower] = "regression"
+    verdict[(joined["ratio"] < 1 / (1 + threshold)) & disjoint_faster] = "improvement"
+    joined["verdict"] = verdict
+    return joined.sort_values(["verdict", "ratio"], ascending=[True, False])
+
+
+def summary_line(table: pd.DataFrame) -> str:
+    counts = table["verdict"].value_counts()
+    return (f"{counts.get('regression', 0)} regressions, {counts.get('improvement', 0)} "
+            f"improvements, {counts.get('unchanged', 0)} unchanged ({len(table)} rows compared)")
+
+
+def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
+    cols = KEYS[:-1] + ["time_ms_base", "time_ms_new", "ratio", "verdict"]
+    view = table[cols].copy()
+    for c in ("time_ms_base", "time_ms_new"):
+        view[c] = view[c].map(lambda v: f"{v:.4g}")
+    view["ratio"] = view["ratio"].map(lambda v: f"{v:.3f}")
+    if fmt == "markdown":
+        head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in view.values)
+        return head + body + "\n" + summary_line(table)
+    return (view.to_string(index=False) if len(view) else "(no rows in common)") + "\n" + \
+        summary_line(table)
