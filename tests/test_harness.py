@@ -1,0 +1,109 @@
+"""The harness: verdicts, error isolation, throughput rows, triton skipped on CPU."""
+
+import pandas as pd
+import pytest
+import torch
+
+import lossreg
+from lossreg.harness import compare, execute
+from lossreg.registry import Registry
+from lossreg.results import COLUMNS
+from lossreg.spec import Impl, LossSpec
+
+
+def _spec(**impls):
+    def ref(input, target, reduction="mean"):
+        t = (input - target) ** 2
+        return t if reduction == "none" else (t.mean() if reduction == "mean" else t.sum())
+
+    spec = LossSpec(name="sq", family="t", formula="x^2", reference=ref,
+                    make_inputs=lambda c: {"input": c.randn(c.n), "target": c.randn(c.n)},
+                    sizes={"quick": [64, 130], "default": [256, 1024], "large": [4096]},
+                    check_options=[{"reduction": "none"}])
+    reg = Registry()
+    reg.losses["sq"] = spec
+    for name, fn in impls.items():
+        spec.implementations[name] = Impl(name, fn, plugin="test")
+    return reg
+
+
+def _good(input, target, reduction="mean"):
+    return torch.nn.functional.mse_loss(input, target, reduction=reduction)
+
+
+def test_compare_verdicts():
+    ref = torch.tensor([1.0, 2.0, float("nan")], dtype=torch.float64)
+    assert compare(torch.tensor([1.0, 2.0, float("nan")]), ref, 1e-5, 1e-5).ok
+    assert not compare(torch.tensor([1.0, 2.0, 3.0]), ref, 1e-5, 1e-5).ok  # lost a NaN
+    assert not compare(torch.tensor([1.0, float("nan"), float("nan")]), ref, 1e-5, 1e-5).ok
+    assert not compare(torch.tensor([1.0, 2.1, float("nan")]), ref, 1e-5, 1e-5).ok
+    assert "shape" in compare(torch.ones(2), ref, 1e-5, 1e-5).message
+    assert not compare(torch.tensor(float("inf")), torch.tensor(float("-inf"),
+                                                                dtype=torch.float64), 1, 1).ok
+
+
+def test_failures_become_rows_and_the_run_goes_on():
+    def raises(input, target, reduction="mean"):
+        raise RuntimeError("kernel exploded")
+
+    def wrong_shape(input, target, reduction="mean"):
+        return _good(input, target, "none")[:3]
+
+    def nan(input, target, reduction="mean"):
+        return _good(input, target, reduction) * float("nan")
+
+    def bad_grad(input, target, reduction="mean"):
+        return _good(input.detach(), target.detach(), reduction) + 0 * input.sum()
+
+    reg = _spec(good=_good, raises=raises, wrong_shape=wrong_shape, nan=nan, bad_grad=bad_grad)
+    df, _ = execute(["sq"], device="cpu", registry=reg)
+    status = df.groupby("impl")["status"].agg(set)
+    assert status["good"] == {"ok"} and status["reference"] == {"ok"}
+    assert status["raises"] == {"error"}
+    assert df[df.impl == "raises"]["message"].str.contains("kernel exploded").all()
+    assert "fail" in status["wrong_shape"] and "fail" in status["nan"]
+    bg = df[df.impl == "bad_grad"].set_index("check")["status"]
+    assert set(bg["correctness"]) == {"ok"} and "fail" in set(bg["gradient"])
+    assert list(df.columns) == COLUMNS
+
+
+def test_bench_rows(tmp_path):
+    reg = _spec(good=_good)
+    df, writer = execute(["sq"], device="cpu", registry=reg, sizes="default", throughput=True,
+                         out=tmp_path)
+    t = df[df.check == "throughput"]
+    assert set(t["mode"]) == {"forward", "backward", "full"}
+    assert (t.status == "ok").all()
+    assert (t.time_ms_p20 <= t.time_ms).all() and (t.time_ms <= t.time_ms_p80).all()
+    assert (t[t.impl == "reference"].speedup == 1.0).all()
+    assert t.speedup.notna().all() and (t.bw_fraction > 0).all() and (t.peak_gbps > 0).all()
+    assert (t.gbps > 0).all() and (t.repeats >= 5).all()
+    full = t[(t["mode"] == "full") & (t.n == 1024)]
+    assert (full.peak_bytes > 0).all()
+    # one gradcheck row for the reference
+    gc = df[df.message.fillna("").str.contains("gradcheck")]
+    assert len(gc) == 1 and gc.status.item() == "ok"
+    on_disk = pd.read_parquet(tmp_path)
+    assert len(on_disk) == len(df) and writer.final.exists()
+
+
+def test_triton_throughput_is_skipped_on_cpu():
+    df = lossreg.check(["mse"], device="cpu", impls=["triton"])
+    assert (df[df.impl == "triton"].status == "ok").all()
+    b = lossreg.bench(["mse"], device="cpu", impls=["triton"], sizes="quick",
+                      out="/tmp/lossreg-test-skip", plots=False)
+    t = b[(b.check == "throughput")]
+    assert set(t.status) == {"skipped"} and t.message.str.contains("interpreter").all()
+
+
+def test_edge_cases_are_rows():
+    df = lossreg.check(["mse"], device="cpu", impls=["reference"])
+    edges = df[df.params.str.contains("edge_case")]
+    assert len(edges) == len(lossreg.get("mse").edge_cases) and (edges.status == "ok").all()
+    assert 4097 in set(edges.n)
+
+
+@pytest.mark.slow
+def test_compile_implementation_on_cpu():
+    df = lossreg.check(["mse"], device="cpu", impls=["compile"])
+    assert len(df) and (df.status == "ok").all(), df[df.status != "ok"].message.tolist()
