@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?=
 GPU_OUT := $(if $(OUT),$(OUT),results/gpu)
+GPU_ARGS ?=
 
 .PHONY: test bench gpu-check aot lint clean
 
@@ -34,7 +35,7 @@ lint: $(STAMP)
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(GPU_OUT)
-	set -o pipefail; python3 -m lossreg.gpu_check --out $(GPU_OUT) 2>&1 | tee $(GPU_OUT)/gpu-check.log
+	set -o pipefail; python3 -m lossreg.gpu_check --out $(GPU_OUT) $(GPU_ARGS) 2>&1 | tee $(GPU_OUT)/gpu-check.log
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
