@@ -79,7 +79,7 @@ def time_calls(
     """Time ``run(i)()`` for rotating i: ``run(i)`` does untimed set-up (e.g. a forward
     pass before timing a backward) and returns the callable to time.
 
-    CUDA events on a GPU, a synchronized ``perf_counter`` on a CPU. The number of
+    CUDA events on a GPU, a synchronized ``perf_counter`` around each call on a CPU. The number of
     repeats fills ``budget_s`` after warm-up, within [min_repeats, max_repeats].
     """
     cuda = device_type(device) == "cuda"
@@ -103,7 +103,23 @@ def time_calls(
 
     first = once(0)
     repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
-    samples = [once(i) for i in range(1, repeats + 1)]
+    if cuda:
+        # Like triton.testing.do_bench: no host sync between repeats, so the host
+        # queues work ahead and the events time the GPU, not Python's launch overhead
+        # (unless the implementation is launch-bound, which then shows).
+        pairs = []
+        for i in range(1, repeats + 1):
+            fn = run(i)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+        synchronize(device)
+        samples = [s.elapsed_time(e) for s, e in pairs]
+    else:
+        samples = [once(i) for i in range(1, repeats + 1)]
     return Timing(statistics.median(samples), _quantile(samples, 0.2),
                   _quantile(samples, 0.8), repeats)
 
