@@ -3,6 +3,7 @@ input the same way: a ValueError/TypeError naming the argument and what was expe
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -42,3 +43,77 @@ def check_same_shape(loss: str, **tensors) -> None:
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{k} {v}" for k, v in shapes.items())
         raise ValueError(f"{loss}: expected inputs of the same shape, got {listed}")
+
+
+def _first_bad(t: torch.Tensor, ok: torch.Tensor) -> str:
+    bad = t[~ok]
+    more = f" (and {bad.numel() - 1} more)" if bad.numel() > 1 else ""
+    return f"{bad[0].item()!r}{more}"
+
+
+def check_labels_in(loss: str, name: str, t: torch.Tensor, allowed: tuple) -> None:
+    """Every value of ``t`` is one of ``allowed``, e.g. (-1, 1) for margin labels."""
+    ok = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    for value in allowed:
+        ok |= t == value
+    if not bool(ok.all()):
+        listed = ", ".join(f"{v:+g}" if isinstance(v, (int, float)) else str(v) for v in allowed)
+        raise ValueError(f"{loss}: {name} must hold only labels in {{{listed}}}, "
+                         f"got {_first_bad(t, ok)}")
+
+
+def check_in_range(loss: str, name: str, t: torch.Tensor, low: float, high: float) -> None:
+    """Every value of ``t`` lies in [low, high] (NaN does not)."""
+    ok = (t >= low) & (t <= high)
+    if not bool(ok.all()):
+        raise ValueError(f"{loss}: {name} must lie in [{low:g}, {high:g}], "
+                         f"got {_first_bad(t, ok)}")
+
+
+def check_class_labels(loss: str, name: str, t: torch.Tensor, rows: int, classes: int) -> None:
+    """``t`` is an integer tensor of shape (rows,) with values in [0, classes)."""
+    check_tensor(loss, **{name: t})
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{loss}: {name} must hold integer class indices, got {t.dtype}")
+    if tuple(t.shape) != (rows,):
+        raise ValueError(f"{loss}: {name} must have shape ({rows},) (one class index per "
+                         f"row of input), got {tuple(t.shape)}")
+    ok = (t >= 0) & (t < classes)
+    if not bool(ok.all()):
+        raise ValueError(f"{loss}: {name} must hold class indices in [0, {classes - 1}], "
+                         f"got {_first_bad(t, ok)}")
+
+
+def check_broadcasts_to(loss: str, name: str, t: torch.Tensor, shape) -> None:
+    """``t`` broadcasts to ``shape`` without growing it."""
+    shape = tuple(shape)
+    try:
+        out = torch.broadcast_shapes(tuple(t.shape), shape)
+    except RuntimeError:
+        out = None
+    if out != shape:
+        raise ValueError(f"{loss}: {name} of shape {tuple(t.shape)} must broadcast to the "
+                         f"input's shape {shape}")
+
+
+def check_number(loss: str, name: str, value, low: float | None = None,
+                 high: float | None = None, open_interval: bool = False) -> None:
+    """A real scalar option, optionally within bounds (open or closed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{loss}: {name} must be a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{loss}: {name} must be a number, got nan")
+    below = low is not None and (value <= low if open_interval else value < low)
+    above = high is not None and (value >= high if open_interval else value > high)
+    if below or above:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        brackets = ("(", ")") if open_interval else ("[", "]")
+        raise ValueError(f"{loss}: {name} must lie in {brackets[0]}{lo}, {hi}{brackets[1]}, "
+                         f"got {value!r}")
+
+
+def check_choice(loss: str, name: str, value, allowed: Iterable) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed or isinstance(value, bool):
+        raise ValueError(f"{loss}: {name} must be one of {allowed}, got {value!r}")

@@ -11,6 +11,8 @@ must be set before any kernel is defined). An explicit ``TRITON_INTERPRET`` wins
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -52,6 +54,29 @@ def interpreting() -> bool:
     return HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def launch_guard():
+    """Context for launching template kernels. Under the interpreter, numpy would warn
+    about IEEE results a GPU gives silently (log(0) in a masked lane, exp overflow to
+    inf that the loss then reports): those warnings are noise, so they are silenced."""
+    if interpreting():
+        import numpy as np
+
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()
+
+
+def guarded(fn):
+    """Decorator: run ``fn`` (a forward or backward that launches kernels) under
+    :func:`launch_guard`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with launch_guard():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 #: Every kernel instance built from a template, so that one test compiles them all
 #: ahead of time for sm_80 and sm_90. Filled by the templates at definition time.
 TEMPLATE_INSTANCES: list = []
@@ -61,14 +86,20 @@ def template_instances() -> list:
     return list(TEMPLATE_INSTANCES)
 
 
+from . import libm  # noqa: E402
 from .pointwise import PointwiseLoss, pointwise_loss  # noqa: E402
+from .rowwise import RowwiseLoss, rowwise_loss  # noqa: E402
 
 __all__ = [
     "HAVE_TRITON",
     "PointwiseLoss",
+    "RowwiseLoss",
     "interpreting",
     "jit",
+    "launch_guard",
+    "libm",
     "pointwise_loss",
+    "rowwise_loss",
     "template_instances",
     "tl",
     "triton",

@@ -1,17 +1,42 @@
-"""Template for pointwise losses: ``loss = reduce_i f(x_i, y_i)``.
+"""Template for pointwise losses: ``loss = reduce_i w_i f(x_i, y_i[, z_i])``.
 
-A plugin supplies one ``@jit`` function ``term(x, y, p0, p1) -> (loss, dloss_dx,
-dloss_dy)`` computed in float32 (float64 for float64 inputs), with up to two scalar
-parameters (margin, delta, tau, ...). ``pointwise_loss(term)`` returns a callable
-``(input, target, reduction="mean", p0=0.0, p1=0.0)`` backed by two kernels:
+A plugin supplies one ``@jit`` function computed in float32 (float64 for float64
+inputs) with up to two scalar parameters (margin, delta, tau, ...):
+
+* ``term(x, y, p0, p1) -> (loss, dloss_dx, dloss_dy)``, or, with ``operands=3``,
+* ``term(x, y, z, p0, p1) -> (loss, dloss_dx, dloss_dy)`` where ``z`` is a third,
+  non-differentiable operand: labels (margin ranking's ``y``) or a per-element
+  parameter (``pos_weight``).
+
+``pointwise_loss(term, ...)`` returns a callable
+``(input, target, reduction="mean", p0=0.0, p1=0.0, z=None, weight=None)`` backed by
+two kernels:
 
 * ``mean``/``sum``: one pass reads x and y once, writes a partial sum per program and
   the gradients of the inputs that require them (already divided by n for ``mean``),
   so the backward is free when the incoming gradient is 1 (the usual case: the loss
-  is the last node). Otherwise the saved gradient is scaled in place. That check
-  syncs the device once; recomputing instead would cost a second full read of x, y.
+  is the last node). Otherwise the saved gradient is scaled in place, by a kernel
+  that reads the incoming gradient on the device (no host sync) and exits at once
+  when it is 1.
 * ``none``: the forward writes the per-element loss; the backward reads x, y and the
   incoming gradient once and writes each needed gradient once.
+
+Options of an instance:
+
+* ``weighted=True``: an optional ``weight`` tensor multiplies each term (torch's
+  ``weight`` of ``binary_cross_entropy``); never differentiated.
+* ``num_warps``: 8 gives each thread 16 elements of a block; a term heavy in
+  transcendentals (libdevice calls) may need 16 warps to stay within registers.
+* ``exp_form=True``: for losses ``e^{g(x, y)}`` (the exponential family) the term returns
+  ``(g, dg/dx, dg/dy)``; the template forms ``e^g`` with an accurate exp, rounds it to the
+  input dtype, and the gradients as ``e^g * dg``. An eager computation in float16
+  overflows to inf at the exp; rounding the same value here makes the kernel overflow
+  (loss and gradient) exactly where the eager reference does, in every dtype.
+
+``z`` and ``weight`` broadcast to the input's shape. When their shape (leading 1s
+dropped) is a suffix of the input's, as for a per-class vector over ``(N, C)``, the
+kernel indexes them modulo their length and nothing is materialized; otherwise they
+are expanded to the full shape first.
 
 Inputs of any length (masked tail), float32/bfloat16/float16 (float32 accumulation)
 and float64 (float64 accumulation). Gradients are written only for inputs that
@@ -24,24 +49,61 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from .libm import exp as _accurate_exp
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
+    def _pointwise_eval(
+        X, Y, Z, W, offs, mask, z_period, w_period, p0, p1,
+        TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
+        HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
+        """Load one block of operands and evaluate the term: (loss, dx, dy) in ACC."""
+        x = tl.load(X + offs, mask=mask, other=0).to(ACC)
+        y = tl.load(Y + offs, mask=mask, other=0).to(ACC)
+        if HAS_Z:
+            if Z_BCAST:
+                z = tl.load(Z + offs % z_period, mask=mask, other=0).to(ACC)
+            else:
+                z = tl.load(Z + offs, mask=mask, other=0).to(ACC)
+            loss, dx, dy = TERM(x, y, z, p0, p1)
+        else:
+            loss, dx, dy = TERM(x, y, p0, p1)
+        if EXP_FORM:
+            # round e^g like an eager op in the input dtype would (inf where it overflows)
+            loss = _accurate_exp(loss).to(X.dtype.element_ty).to(ACC)
+            dx = tl.where(dx == 0, 0.0, loss * dx)
+            dy = tl.where(dy == 0, 0.0, loss * dy)
+        if HAS_W:
+            if W_BCAST:
+                w = tl.load(W + offs % w_period, mask=mask, other=0).to(ACC)
+            else:
+                w = tl.load(W + offs, mask=mask, other=0).to(ACC)
+            loss = loss * w
+            dx = dx * w
+            dy = dy * w
+        return loss, dx, dy
+
+    @triton.jit
     def _pointwise_fwd(
-        X, Y, OUT, DX, DY, n, denom, p0, p1,
-        TERM: tl.constexpr, REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
-        WRITE_DY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+        X, Y, Z, W, OUT, DX, DY, n, z_period, w_period, denom, p0, p1,
+        TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
+        HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
+        REDUCE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
+        ACC: tl.constexpr, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
-        loss, dx, dy = TERM(x, y, p0, p1)
+        loss, dx, dy = _pointwise_eval(
+            X, Y, Z, W, offs, mask, z_period, w_period, p0, p1, TERM, HAS_Z, Z_BCAST,
+            HAS_W, W_BCAST, EXP_FORM, ACC,
+        )
         if REDUCE:
             tl.store(OUT + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
             if WRITE_DX:
@@ -53,17 +115,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _pointwise_bwd(
-        X, Y, G, DX, DY, n, p0, p1,
-        TERM: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
-        ACC: tl.constexpr, BLOCK: tl.constexpr,
+        X, Y, Z, W, G, DX, DY, n, z_period, w_period, p0, p1,
+        TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
+        HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
+        WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
-        loss, dx, dy = TERM(x, y, p0, p1)
+        g = tl.load(G + offs, mask=mask, other=0).to(ACC)
+        _, dx, dy = _pointwise_eval(
+            X, Y, Z, W, offs, mask, z_period, w_period, p0, p1, TERM, HAS_Z, Z_BCAST,
+            HAS_W, W_BCAST, EXP_FORM, ACC,
+        )
         if WRITE_DX:
             tl.store(DX + offs, (dx * g).to(DX.dtype.element_ty), mask=mask)
         if WRITE_DY:
@@ -78,25 +143,56 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def periodic_operand(t: torch.Tensor | None, shape: torch.Size, n: int):
+    """A flat tensor for an operand broadcast to ``shape`` and its period: element ``i``
+    of the full tensor is ``flat[i % period]``. Returns (None, 1) for no operand."""
+    if t is None:
+        return None, 1
+    dims = list(t.shape)
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    if len(dims) <= len(shape) and tuple(dims) == tuple(shape)[len(shape) - len(dims):]:
+        flat = t.contiguous().view(-1)
+        return flat, max(flat.numel(), 1)
+    return t.expand(shape).contiguous().view(-1), max(n, 1)
+
+
+def _launch_flags(inst: "PointwiseLoss", z, z_period, w, w_period, n) -> dict:
+    return dict(
+        TERM=inst.term, HAS_Z=z is not None, Z_BCAST=z is not None and z_period != n,
+        HAS_W=w is not None, W_BCAST=w is not None and w_period != n,
+        EXP_FORM=inst.exp_form,
+    )
+
+
 class _PointwiseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, term, reduction, p0, p1):
+    @guarded
+    def forward(ctx, x, y, z, w, inst, reduction, p0, p1):
         shape = x.shape
         xf, yf = x.contiguous().view(-1), y.contiguous().view(-1)
         n = xf.numel()
+        zf, z_period = periodic_operand(z, shape, n)
+        wf, w_period = periodic_operand(w, shape, n)
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grid = (triton.cdiv(n, BLOCK),)
         acc = _acc_dtype(x.dtype)
-        ctx.reduction, ctx.term, ctx.p = reduction, term, (p0, p1)
+        flags = _launch_flags(inst, zf, z_period, wf, w_period, n)
+        ctx.reduction, ctx.flags, ctx.p = reduction, flags, (p0, p1)
+        ctx.periods = (z_period, w_period)
+        ctx.num_warps = inst.num_warps
+        ctx.shape = shape
+        zarg = xf if zf is None else zf
+        warg = xf if wf is None else wf
         if reduction == "none":
             out = torch.empty_like(xf)
             if n:
                 _pointwise_fwd[grid](
-                    xf, yf, out, xf, yf, n, 1, p0, p1, TERM=term, REDUCE=False,
-                    WRITE_DX=False, WRITE_DY=False, ACC=acc, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    xf, yf, zarg, warg, out, xf, yf, n, z_period, w_period, 1, p0, p1,
+                    **flags, REDUCE=False, WRITE_DX=False, WRITE_DY=False, ACC=acc,
+                    BLOCK=BLOCK, num_warps=inst.num_warps,
                 )
-            ctx.save_for_backward(xf, yf)
-            ctx.shape = shape
+            ctx.save_for_backward(xf, yf, zf, wf)
             return out.view(shape)
         denom = n if (reduction == "mean" and n) else 1
         part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -105,21 +201,22 @@ class _PointwiseFunction(torch.autograd.Function):
         dy = torch.empty_like(yf) if need_dy else None
         if n:
             _pointwise_fwd[grid](
-                xf, yf, partial, xf if dx is None else dx, yf if dy is None else dy, n, denom,
-                p0, p1, TERM=term, REDUCE=True, WRITE_DX=need_dx, WRITE_DY=need_dy, ACC=acc,
-                BLOCK=BLOCK, num_warps=NUM_WARPS,
+                xf, yf, zarg, warg, partial, xf if dx is None else dx,
+                yf if dy is None else dy, n, z_period, w_period, denom, p0, p1, **flags,
+                REDUCE=True, WRITE_DX=need_dx, WRITE_DY=need_dy, ACC=acc, BLOCK=BLOCK,
+                num_warps=inst.num_warps,
             )
             total = partial.sum() / denom
         else:  # torch semantics: the mean of nothing is nan, the sum is 0
             total = partial.new_full((), float("nan") if reduction == "mean" else 0.0)
         ctx.save_for_backward(dx, dy)
-        ctx.shape = shape
         return total.to(x.dtype)
 
     @staticmethod
+    @guarded
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            xf, yf = ctx.saved_tensors
+            xf, yf, zf, wf = ctx.saved_tensors
             need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             n = xf.numel()
             dx = torch.empty_like(xf) if need_dx else None
@@ -127,9 +224,10 @@ class _PointwiseFunction(torch.autograd.Function):
             if n:
                 g = grad_out.contiguous().view(-1)
                 _pointwise_bwd[(triton.cdiv(n, BLOCK),)](
-                    xf, yf, g, xf if dx is None else dx, yf if dy is None else dy, n,
-                    *ctx.p, TERM=ctx.term, WRITE_DX=need_dx, WRITE_DY=need_dy,
-                    ACC=_acc_dtype(xf.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    xf, yf, xf if zf is None else zf, xf if wf is None else wf, g,
+                    xf if dx is None else dx, yf if dy is None else dy, n, *ctx.periods,
+                    *ctx.p, **ctx.flags, WRITE_DX=need_dx, WRITE_DY=need_dy,
+                    ACC=_acc_dtype(xf.dtype), BLOCK=BLOCK, num_warps=ctx.num_warps,
                 )
         else:
             dx, dy = ctx.saved_tensors
@@ -139,20 +237,28 @@ class _PointwiseFunction(torch.autograd.Function):
                 dy = None if dy is None else dy.mul_(grad_out)
         dx = None if dx is None else dx.view(ctx.shape)
         dy = None if dy is None else dy.view(ctx.shape)
-        return dx, dy, None, None, None, None
+        return dx, dy, None, None, None, None, None, None
 
 
 class PointwiseLoss:
     """A pointwise loss kernel built from a ``term`` function (see module docstring)."""
 
-    def __init__(self, term, name: str | None = None):
+    def __init__(self, term, name: str | None = None, *, operands: int = 2,
+                 weighted: bool = False, exp_form: bool = False, num_warps: int = NUM_WARPS):
+        if operands not in (2, 3):
+            raise ValueError(f"operands must be 2 or 3, got {operands!r}")
         self.term = term
         self.name = name or getattr(term, "__name__", "term")
+        self.operands = operands
+        self.weighted = weighted
+        self.exp_form = exp_form
+        self.num_warps = num_warps
         TEMPLATE_INSTANCES.append(self)
 
     def __call__(
         self, input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-        p0: float = 0.0, p1: float = 0.0,
+        p0: float = 0.0, p1: float = 0.0, z: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not HAVE_TRITON:
             raise ImportError(f"{self.name}: triton is not installed")
@@ -163,28 +269,47 @@ class PointwiseLoss:
                 f"{self.name}: input and target must have the same shape, "
                 f"got {tuple(input.shape)} and {tuple(target.shape)}"
             )
-        return _PointwiseFunction.apply(input, target, self.term, reduction, float(p0), float(p1))
+        if (z is not None) != (self.operands == 3):
+            raise ValueError(f"{self.name}: the term takes {self.operands} operands; "
+                             f"z must be {'given' if self.operands == 3 else 'None'}")
+        if weight is not None and not self.weighted:
+            raise ValueError(f"{self.name}: built without weighted=True, weight must be None")
+        for what, t in (("z", z), ("weight", weight)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{self.name}: {what} is not differentiated by this kernel; "
+                                 "pass it detached")
+        return _PointwiseFunction.apply(input, target, z, weight, self, reduction, float(p0),
+                                        float(p1))
 
     def aot_sources(self, dtype: str = "fp32") -> list[tuple[Any, dict, dict, dict]]:
         """(kernel, signature, constexprs, compile options) for each kernel it launches."""
         acc = "fp64" if dtype == "fp64" else "fp32"
         p = f"*{dtype}"
         acc_c = tl.float64 if dtype == "fp64" else tl.float32
-        common = {"TERM": self.term, "ACC": acc_c, "BLOCK": BLOCK}
-        opts = {"num_warps": NUM_WARPS}
-        fwd_sig = {"X": p, "Y": p, "OUT": f"*{acc}", "DX": p, "DY": p, "n": "i64",
-                   "denom": "i64", "p0": "fp32", "p1": "fp32"}
-        bwd_sig = {"X": p, "Y": p, "G": p, "DX": p, "DY": p, "n": "i64",
+        has_z, has_w = self.operands == 3, self.weighted
+        common = {"TERM": self.term, "HAS_Z": has_z, "Z_BCAST": False, "HAS_W": has_w,
+                  "W_BCAST": False, "EXP_FORM": self.exp_form, "ACC": acc_c, "BLOCK": BLOCK}
+        opts = {"num_warps": self.num_warps}
+        fwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "OUT": f"*{acc}", "DX": p, "DY": p,
+                   "n": "i64", "z_period": "i64", "w_period": "i64", "denom": "i64",
                    "p0": "fp32", "p1": "fp32"}
-        return [
-            (_pointwise_fwd, fwd_sig,
-             {**common, "REDUCE": True, "WRITE_DX": True, "WRITE_DY": True}, opts),
+        bwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "G": p, "DX": p, "DY": p, "n": "i64",
+                   "z_period": "i64", "w_period": "i64", "p0": "fp32", "p1": "fp32"}
+        grads = {"WRITE_DX": True, "WRITE_DY": True}
+        sources = [
+            (_pointwise_fwd, fwd_sig, {**common, "REDUCE": True, **grads}, opts),
             (_pointwise_fwd, fwd_sig,
              {**common, "REDUCE": False, "WRITE_DX": False, "WRITE_DY": False}, opts),
-            (_pointwise_bwd, bwd_sig, {**common, "WRITE_DX": True, "WRITE_DY": True}, opts),
+            (_pointwise_bwd, bwd_sig, {**common, **grads}, opts),
         ]
+        if has_z or has_w:  # the broadcast (per-class vector) variant
+            bcast = {**common, "Z_BCAST": has_z, "W_BCAST": has_w}
+            sources.append((_pointwise_fwd, fwd_sig, {**bcast, "REDUCE": True, **grads}, opts))
+        return sources
 
 
-def pointwise_loss(term, name: str | None = None) -> PointwiseLoss:
-    """Build a fused pointwise loss from ``term(x, y, p0, p1) -> (loss, dx, dy)``."""
-    return PointwiseLoss(term, name)
+def pointwise_loss(term, name: str | None = None, *, operands: int = 2, weighted: bool = False,
+                   exp_form: bool = False, num_warps: int = NUM_WARPS) -> PointwiseLoss:
+    """Build a fused pointwise loss from ``term`` (see the module docstring)."""
+    return PointwiseLoss(term, name, operands=operands, weighted=weighted, exp_form=exp_form,
+                         num_warps=num_warps)
