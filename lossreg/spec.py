@@ -171,6 +171,9 @@ class LossSpec:
         }
     )
     x_name: str = "n"
+    #: preset -> parameters for `make_inputs` (in `case.params`, never passed to the
+    #: implementations), e.g. {"quick": {"vocab": 257}, "large": {"vocab": 131072}}.
+    input_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     bytes_moved: Callable[[Mapping[str, Any]], Any] | None = None
     flops: Callable[[Mapping[str, Any]], Any] | None = None
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -209,6 +212,11 @@ class LossSpec:
         self.implementations = {
             "reference": Impl("reference", self.reference, kind="reference", plugin=self.plugin)
         }
+
+    def case_params(self, preset: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """What `make_inputs` sees as `case.params`: the preset's input parameters
+        and the options of the call."""
+        return {**self.input_params.get(preset, {}), **options}
 
     def tolerance(self, dtype: str) -> tuple[float, float]:
         return tuple(self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype]))
