@@ -294,7 +294,11 @@ def register_losses(register):
         description=("Multi-class SVM loss on an (N, C) score matrix and integer labels, "
                      f"torch's multi_margin_loss: options `margin` (1), `p` (1 or 2) and an "
                      f"optional per-class `weight` tensor. Generated problems have "
-                     f"C = {CLASSES}; n counts rows."),
+                     f"C = {CLASSES}; n counts rows. bfloat16 tolerance 5e-2 (not 2e-2): "
+                     "an eager bfloat16 computation rounds m - s_y + s_j to 8 bits, which "
+                     "switches terms near the margin on or off, and each switch moves a "
+                     "gradient entry by 1/C (seen on an H200: rel 0.021 for torch's own)."),
+        tolerances={"bfloat16": (5e-2, 2e-2)},
         citation="Weston & Watkins (1999), Support vector machines for multi-class pattern "
                  "recognition; torch.nn.functional.multi_margin_loss",
         reference=multiclass_hinge_reference, make_inputs=multiclass_inputs,
