@@ -17,7 +17,8 @@ reductions, so margin losses (``s_y`` = the label's score) and softmax losses
 logsumexp) are both a few lines.
 
 Each program reads its rows once and, for ``mean``/``sum``, writes the row gradients in
-the forward (divided by N for ``mean``), exactly as the pointwise template does; for
+the forward (divided by N for ``mean``; the backward scales them in place unless the
+incoming gradient is 1), exactly as the pointwise template does; for
 ``none`` the backward recomputes them scaled by the incoming gradient. Rows are short
 for classic heads (C = 10), so a program takes ``BLOCK_M = TILE // BLOCK_C`` rows at
 once (one program per row would leave most lanes idle); from ``C >= TILE`` on it is one
@@ -44,6 +45,8 @@ from .libm import exp as _accurate_exp
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .pointwise import _scale_unless_one
 
     @triton.jit
     def _rowwise_eval(
@@ -170,9 +173,13 @@ class _RowwiseFunction(torch.autograd.Function):
                                    grad_out.contiguous(), ds, n_rows, C, *ctx.p, **ctx.flags)
         else:
             (ds,) = ctx.saved_tensors
-            # The gradient was computed in the forward for an incoming gradient of 1.
-            if ds is not None and not bool(grad_out == 1):
-                ds = ds.mul_(grad_out)
+            # The gradient was computed in the forward for an incoming gradient of 1: the
+            # kernel scales it in place otherwise, without a host sync to find out.
+            if ds is not None and ds.numel():
+                flat = ds.view(-1)
+                _scale_unless_one[(triton.cdiv(flat.numel(), TILE),)](
+                    flat, grad_out.reshape(1).contiguous(), flat.numel(),
+                    ACC=_acc_dtype(ds.dtype), BLOCK=TILE, num_warps=8)
         return ds, None, None, None, None, None, None
 
 
