@@ -92,7 +92,7 @@ if HAVE_TRITON:
         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        loss, da, db, dc, rows, row_ok, offs, valid = _aligned_eval(
+        _, da, db, dc, rows, row_ok, offs, valid = _aligned_eval(
             A, B, C, Y, pid, N, D, p0, p1, p2, p3, TERM, HAS_C, HAS_Y, ACC, BLOCK_M, BLOCK_D)
         g = tl.load(G + rows, mask=row_ok, other=0).to(ACC)[:, None]
         if WRITE_A:
@@ -134,9 +134,9 @@ class _AlignedFunction(torch.autograd.Function):
         N, D = a.shape
         block_m, block_d = blocks(D)
         grid = (triton.cdiv(N, block_m),)
-        flags = dict(TERM=inst.term, HAS_C=c is not None, HAS_Y=y is not None,
-                     ACC=_acc(a.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
-                     num_warps=num_warps(block_m, block_d))
+        flags = {"TERM": inst.term, "HAS_C": c is not None, "HAS_Y": y is not None,
+                 "ACC": _acc(a.dtype), "BLOCK_M": block_m, "BLOCK_D": block_d,
+                 "num_warps": num_warps(block_m, block_d)}
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, p
         cc = a if c is None else c
         yy = a if y is None else y

@@ -42,7 +42,8 @@ splits (``B <= MAX_BINS``), not for vocabularies.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
