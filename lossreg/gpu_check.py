@@ -38,15 +38,20 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="large")
     ap.add_argument("--loss", action="append", help="only these losses")
     ap.add_argument("--dtype", action="append")
+    ap.add_argument("--max-check-gb", type=float,
+                    help="run correctness/gradient only where float64 inputs stay under this")
     args = ap.parse_args(argv)
 
     import torch
 
+    from . import harness
     from .cli import summary
     from .harness import execute
     from .plots import plot_run
     from .registry import default_registry
 
+    if args.max_check_gb is not None:
+        harness.CHECK_BYTES_MAX = int(args.max_check_gb * 2**30)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU visible", file=sys.stderr)
         return 2

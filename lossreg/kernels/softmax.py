@@ -150,7 +150,7 @@ if HAVE_TRITON:
                 ce_grad_range(X_row, DX_row, W, start, stop, y_safe, lse, w_y, w_sum, eps,
                               n_cls, z_coef, scale, HAS_W, SMOOTH, HAS_Z, BLOCK)
 
-BLOCK_MAX = 8192
+BLOCK_MAX = 4096  # H200 sweep (benchmarks/tune_kernels.py): 4096 x 8 warps beat 8192-32768
 NUM_WARPS = 8
 #: Split rows across programs when there are fewer rows than this many programs.
 TARGET_PROGRAMS = 1024
