@@ -64,6 +64,9 @@ def ce_reference(input, target, weight=None, ignore_index=-100, label_smoothing=
     validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
                 reduction)
     n_cls = input.shape[1]
+    out_dtype = input.dtype
+    if input.dtype in (torch.float16, torch.bfloat16):  # half-precision log-softmax is lossy
+        input = input.float()
     lse = torch.logsumexp(input, dim=1)
     logp = input - lse[:, None]
     keep = target != ignore_index
@@ -77,10 +80,10 @@ def ce_reference(input, target, weight=None, ignore_index=-100, label_smoothing=
     if z_loss:
         loss = loss + z_loss * lse**2 * keep
     if reduction == "none":
-        return loss
+        return loss.to(out_dtype)
     if reduction == "sum":
-        return loss.sum()
-    return _mean_over_kept(loss.sum(), w_y.sum())
+        return loss.sum().to(out_dtype)
+    return _mean_over_kept(loss.sum(), w_y.sum()).to(out_dtype)
 
 
 def ce_torch(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
