@@ -429,7 +429,7 @@ def mine_chunked(x: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK):
 def batch_hard_chunked(input, target, margin=1.0, soft_margin=False, eps=1e-12,
                        reduction="mean"):
     _validate_batch_hard(input, target, margin, soft_margin, eps, reduction)
-    pos, neg = mine_chunked(input, target)
+    pos, neg = mine_chunked(input, target, CHUNK)
     return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction)
 
 
@@ -544,7 +544,7 @@ def register_losses(register):
                  "distance": "euclidean"},
         check_options=reductions() + [{"swap": True}, {"p": 1.0}, {"p": 3.0},
                                       {"margin": 0.2}, {"distance": "cosine"},
-                                      {"distance": "cosine", "swap": True, "margin": 0.5}],
+                                      {"distance": "cosine", "swap": True, "margin": 0.03}],
         sizes=ROW_SIZES, x_name="rows",
         bytes_moved=_rows_bytes("anchor", "positive", "negative"),
         flops=_rows_flops(9, 12, "anchor"), edge_cases=TRIPLET_EDGE_CASES))
