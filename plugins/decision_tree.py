@@ -297,7 +297,8 @@ def register_losses(register):
                     "[0, 1] is the probability that sample i goes left, target its class. "
                     "A scalar (no per-sample loss, so no reduction); gradient w.r.t. s "
                     "only. An empty child (all s = 0 or all s = 1) contributes 0. "
-                    "num_classes defaults to max(target) + 1.",
+                    "num_classes defaults to max(target) + 1 (one host sync); the Triton "
+                    "histogram holds up to 256 classes.",
         citation="Breiman et al. (1984); soft splits as in Irsoy, Yildiz & Alpaydin, Soft "
                  "decision trees, ICPR 2012",
         reference=soft_split_gini_reference, make_inputs=split_inputs,
