@@ -30,6 +30,8 @@ SEEDS = (0, 1, 2)
 #: Checks run only where the inputs in float64 stay under this (the reference and its
 #: gradients hold several such copies); larger sizes are timed, and checked smaller.
 CHECK_BYTES_MAX = 4 << 30
+#: ... and where the float64 reference's modelled fwd+bwd flops stay under this.
+CHECK_FLOPS_MAX = {"cpu": 1e11, "cuda": 1e14}
 ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
 
@@ -374,16 +376,22 @@ def _option_sets(spec: LossSpec) -> list[dict]:
     return sets
 
 
-def throughput_only_size(spec: LossSpec, task: Task, dtype: torch.dtype) -> bool:
-    """Inputs too large for the float64 reference (several copies of them in float64).
-    Input bytes are extrapolated from n = 1 and n = 2 (some inputs do not grow with n)."""
-    def nbytes(n):
-        probe = spec.make_inputs(Case(n, dtype, "cpu", seed=0,
-                                      params=spec.case_params(task.preset, spec.options)))
-        return sum(t.numel() * 8 for t in probe.values() if torch.is_tensor(t))
+def throughput_only_size(spec: LossSpec, task: Task, dtype: torch.dtype,
+                         device: str = "cpu") -> bool:
+    """Inputs too large for the float64 reference (several copies of them in float64),
+    or, where the spec models flops, too much float64 work for the device. Input
+    bytes and flops are extrapolated from n = 1 and n = 2 (some inputs do not grow
+    with n)."""
+    def probe(n):
+        inputs = spec.make_inputs(Case(n, dtype, "cpu", seed=0,
+                                       params=spec.case_params(task.preset, spec.options)))
+        nbytes = sum(t.numel() * 8 for t in inputs.values() if torch.is_tensor(t))
+        return nbytes, spec.model("flops", inputs, "full") or 0.0
 
-    b1, b2 = nbytes(1), nbytes(2)
-    return b1 + (b2 - b1) * (task.n - 1) > CHECK_BYTES_MAX
+    (b1, f1), (b2, f2) = probe(1), probe(2)
+    too_big = b1 + (b2 - b1) * (task.n - 1) > CHECK_BYTES_MAX
+    too_slow = f1 + (f2 - f1) * (task.n - 1) > CHECK_FLOPS_MAX[measure.device_type(device)]
+    return too_big or too_slow
 
 
 def run_checks(state: RunState, task: Task, all_options: bool) -> list[dict]:
@@ -392,12 +400,14 @@ def run_checks(state: RunState, task: Task, all_options: bool) -> list[dict]:
     tol = spec.tolerance(task.dtype)
     rows = []
     for options in (_option_sets(spec) if all_options else [dict(spec.options)]):
-        if throughput_only_size(spec, task, dt):
+        if throughput_only_size(spec, task, dt, device):
             for check, mode in (("correctness", "forward"), ("gradient", "backward")):
                 row = _base_row(state, task, options)
                 row.update(check=check, mode=mode, status="skipped",
-                           message=f"inputs over {CHECK_BYTES_MAX >> 30} GiB: checked at the "
-                                   "smaller sizes (float64 reference too large)")
+                           message="float64 reference too large or slow at this size "
+                                   f"(over {CHECK_BYTES_MAX >> 30} GiB of inputs or "
+                                   f"{CHECK_FLOPS_MAX[measure.device_type(device)]:.0e} "
+                                   "flops): checked at the smaller sizes")
                 rows.append(row)
             break
         params = spec.case_params(task.preset, options)

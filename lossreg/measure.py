@@ -102,6 +102,8 @@ def time_calls(
         return (time.perf_counter() - t0) * 1e3
 
     first = once(0)
+    if first > 1e3:  # calls over a second: three samples give a median, and save minutes
+        min_repeats = min(min_repeats, 3)
     repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
     if cuda:
         # Like triton.testing.do_bench: no host sync between repeats, so the host

@@ -18,28 +18,38 @@ def validate_ce(loss: str, input, target, weight=None, ignore_index=-100, label_
     if not torch.is_tensor(input) or not input.is_floating_point() or input.dim() != 2:
         raise ValueError(f"{loss}: input must be a floating-point (N, C) tensor of logits, got "
                          f"{_describe(input)}")
-    if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32) \
-            or target.shape != input.shape[:1]:
-        raise ValueError(f"{loss}: target must be an integer tensor of shape "
-                         f"({input.shape[0]},) holding class indices, got {_describe(target)}")
-    if target.device != input.device:
-        raise ValueError(f"{loss}: target is on {target.device}, input on {input.device}")
     n_cls = input.shape[1]
+    validate_targets(loss, target, input.shape[0], n_cls, input.device, ignore_index)
     if weight is not None and (not torch.is_tensor(weight) or weight.shape != (n_cls,)
                                or not weight.is_floating_point()):
         raise ValueError(f"{loss}: weight must be a floating-point tensor of shape ({n_cls},), "
                          f"got {_describe(weight)}")
+    validate_ce_options(loss, label_smoothing, z_loss, reduction)
+
+
+def validate_ce_options(loss: str, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{loss}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if float(z_loss) < 0:
         raise ValueError(f"{loss}: z_loss must be >= 0, got {z_loss}")
     check_reduction(loss, reduction)
+
+
+def validate_targets(loss: str, target, n_rows: int, n_cls: int, device, ignore_index=-100,
+                     name: str = "target"):
+    """Class-index targets for n_rows rows of n_cls classes."""
+    if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32) \
+            or target.shape != (n_rows,):
+        raise ValueError(f"{loss}: {name} must be an integer tensor of shape "
+                         f"({n_rows},) holding class indices, got {_describe(target)}")
+    if target.device != device:
+        raise ValueError(f"{loss}: {name} is on {target.device}, the inputs on {device}")
     # Value checks need the data on the host: done for CPU tensors only, since on a GPU
     # they would sync every call (the Triton kernel turns such rows into NaN instead).
     if target.device.type == "cpu" and target.numel():
         kept = target[target != ignore_index]
         if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n_cls):
-            raise ValueError(f"{loss}: target values must be in [0, {n_cls}) or equal "
+            raise ValueError(f"{loss}: {name} values must be in [0, {n_cls}) or equal "
                              f"ignore_index={ignore_index}, got range [{int(kept.min())}, "
                              f"{int(kept.max())}]")
 

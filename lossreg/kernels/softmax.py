@@ -301,3 +301,202 @@ class CrossEntropyKernel:
 
 
 cross_entropy = CrossEntropyKernel()
+
+
+def ce_rows_inplace(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                    label_smoothing: float = 0.0, z_loss: float = 0.0,
+                    denom: torch.Tensor | None = None,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of a block of rows (unweighted classes), overwriting ``logits`` with
+    the gradient scaled by ``1/denom`` (a 0-d tensor) or per row by ``row_scale``. One
+    launch, one program per row; returns the per-row loss (0 for ignored rows).
+
+    The building block of the chunked fused-linear losses: they compute a chunk of
+    logits with a matmul, call this, and multiply the gradient back into the weights.
+    """
+    n_rows, n_cls = logits.shape
+    if n_rows == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    assert logits.stride(-1) == 1
+    block = _block(n_cls)
+    chunk = triton.cdiv(n_cls, block) * block
+    stats = torch.empty((n_rows, 1, 4), dtype=torch.float32, device=logits.device)
+    if denom is None:
+        denom = torch.ones((), dtype=torch.float32, device=logits.device)
+    g = row_scale.to(torch.float32).contiguous() if row_scale is not None else denom
+    _ce_rows[(n_rows, 1)](
+        logits, target.contiguous(), logits, stats, logits, g, denom.to(torch.float32),
+        logits.stride(0), logits.stride(0), n_cls, chunk, int(ignore_index),
+        float(label_smoothing), float(z_loss), float(n_cls), HAS_W=False,
+        SMOOTH=label_smoothing > 0, HAS_Z=z_loss != 0, DO_STATS=True, DO_GRAD=True,
+        G_PER_ROW=row_scale is not None, BLOCK=block, num_warps=NUM_WARPS)
+    loss, _, _ = row_loss(stats, target, None, ignore_index, label_smoothing, z_loss, n_cls)
+    return loss
+
+
+# ------------------------------------------------------------------ distillation
+KL_MODES = {"forward": 0, "reverse": 1, "jsd": 2}
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb, beta, MODE: tl.constexpr):
+        """Per-column loss term and `a` (dL/dq = a, for the softmax chain rule)."""
+        logq = s * inv_temp - lse_s
+        logp = t * inv_temp - lse_t
+        q = tl.exp(logq)
+        p = tl.exp(logp)
+        if MODE == 0:  # KL(p || q)
+            term = p * (logp - logq)
+            a = -p / tl.maximum(q, 1e-38)  # unused: the forward gradient is q - p
+        elif MODE == 1:  # KL(q || p)
+            term = q * (logq - logp)
+            a = logq - logp
+        else:  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+            x = log_beta + logp
+            y = log_1mb + logq
+            mx = tl.maximum(x, y)
+            logm = mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+            term = beta * p * (logp - logm) + (1.0 - beta) * q * (logq - logm)
+            a = (1.0 - beta) * (logq - logm)
+        return term, a, q, p
+
+    @triton.jit
+    def _kl_rows(S, T, LOSS, DS, G, stride_s, stride_t, stride_ds, n_cls, inv_temp, log_beta,
+                 log_1mb, beta, grad_scale, MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        """One program per row: pass 1 the two logsumexps, pass 2 the loss (and the
+        gradient for forward KL), pass 3 the gradient of reverse KL / JSD, which needs
+        the row sum of q * a first. The gradient is grad_scale * G[row] * q (a - sum q a)."""
+        row = tl.program_id(0).to(tl.int64)
+        S_row = S + row * stride_s
+        T_row = T + row * stride_t
+        D_row = DS + row * stride_ds
+        m_s = tl.full((), float("-inf"), tl.float32)
+        m_t = tl.full((), float("-inf"), tl.float32)
+        z_s = tl.zeros((), tl.float32)
+        z_t = tl.zeros((), tl.float32)
+        for off in range(0, n_cls, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cls
+            s = tl.load(S_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            t = tl.load(T_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            m_s, z_s = lse_update(m_s, z_s, s)
+            m_t, z_t = lse_update(m_t, z_t, t)
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+        scale = grad_scale * tl.load(G + row).to(tl.float32)
+        loss = tl.zeros((), tl.float32)
+        qa = tl.zeros((), tl.float32)
+        for off in range(0, n_cls, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cls
+            s = tl.load(S_row + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(T_row + cols, mask=mask, other=0.0).to(tl.float32)
+            term, a, q, p = _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb, beta,
+                                      MODE)
+            loss += tl.sum(tl.where(mask, term, 0.0), axis=0)
+            qa += tl.sum(tl.where(mask, q * a, 0.0), axis=0)
+            if WRITE_GRAD and MODE == 0:
+                tl.store(D_row + cols, (scale * (q - p)).to(D_row.dtype.element_ty), mask=mask)
+        tl.store(LOSS + row, loss)
+        if WRITE_GRAD and MODE != 0:
+            for off in range(0, n_cls, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                mask = cols < n_cls
+                s = tl.load(S_row + cols, mask=mask, other=0.0).to(tl.float32)
+                t = tl.load(T_row + cols, mask=mask, other=0.0).to(tl.float32)
+                term, a, q, p = _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb,
+                                          beta, MODE)
+                tl.store(D_row + cols, (scale * q * (a - qa)).to(D_row.dtype.element_ty),
+                         mask=mask)
+
+
+def kl_rows_inplace(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                    direction: str, beta: float, row_scale: torch.Tensor,
+                    grad_out: torch.Tensor | None = None, write_grad: bool = True):
+    """Per-row T^2-scaled divergence of a (n, V) block; writes d loss / d student into
+    ``grad_out`` (may be ``student`` itself), scaled per row by ``row_scale``."""
+    n_rows, n_cls = student.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return loss
+    mode = KL_MODES[direction]
+    grad_out = student if grad_out is None else grad_out
+    beta = float(beta)
+    log_beta = math.log(beta) if beta > 0 else float("-inf")
+    log_1mb = math.log(1 - beta) if beta < 1 else float("-inf")
+    _kl_rows[(n_rows,)](
+        student, teacher, loss, grad_out, row_scale.to(torch.float32).contiguous(),
+        student.stride(0), teacher.stride(0), grad_out.stride(0), n_cls,
+        1.0 / float(temperature), log_beta, log_1mb, beta, float(temperature),
+        MODE=mode, WRITE_GRAD=write_grad, BLOCK=_block(n_cls), num_warps=NUM_WARPS)
+    return loss * float(temperature) ** 2
+
+
+class _KLDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, direction, beta, reduction):
+        s = student.contiguous()
+        t = teacher.contiguous()
+        n = s.shape[0]
+        ctx.meta = (temperature, direction, beta, reduction)
+        if reduction == "none" or not ctx.needs_input_grad[0]:
+            loss = kl_rows_inplace(s, t, temperature, direction, beta,
+                                   torch.ones(n, device=s.device), write_grad=False)
+            ctx.save_for_backward(s, t)
+        else:
+            scale = torch.full((n,), 1.0 / n if reduction == "mean" else 1.0, device=s.device)
+            grad = torch.empty_like(s)
+            loss = kl_rows_inplace(s, t, temperature, direction, beta, scale, grad_out=grad)
+            ctx.save_for_backward(grad)
+        if reduction == "none":
+            return loss.to(student.dtype)
+        total = loss.sum()
+        return (total / n if reduction == "mean" else total).to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        temperature, direction, beta, reduction = ctx.meta
+        if len(ctx.saved_tensors) == 2:
+            s, t = ctx.saved_tensors
+            if reduction == "none":
+                scale = grad_out
+            else:
+                scale = grad_out.expand(s.shape[0]) / (s.shape[0] if reduction == "mean" else 1)
+            grad = torch.empty_like(s)
+            kl_rows_inplace(s, t, temperature, direction, beta, scale, grad_out=grad)
+            return grad, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        flat = grad.view(-1)
+        _scale_unless_one[(triton.cdiv(flat.numel(), 4096),)](
+            flat, grad_out.reshape(1).contiguous(), flat.numel(), ACC=tl.float32, BLOCK=4096,
+            num_warps=8)
+        return grad, None, None, None, None, None
+
+
+class KLDistillKernel:
+    """``(student (N, V), teacher (N, V), temperature, direction, beta, reduction)``."""
+
+    name = "kl_distillation"
+
+    def __init__(self):
+        TEMPLATE_INSTANCES.append(self)
+
+    def __call__(self, student, teacher, temperature=1.0, direction="forward", beta=0.5,
+                 reduction="mean"):
+        if not HAVE_TRITON:
+            raise ImportError("kl_distillation: triton is not installed")
+        return _KLDistill.apply(student, teacher, float(temperature), direction, float(beta),
+                                reduction)
+
+    def aot_sources(self, dtype: str = "fp32"):
+        p = f"*{dtype}"
+        sig = {"S": p, "T": p, "LOSS": "*fp32", "DS": p, "G": "*fp32", "stride_s": "i64",
+               "stride_t": "i64", "stride_ds": "i64", "n_cls": "i32", "inv_temp": "fp32",
+               "log_beta": "fp32", "log_1mb": "fp32", "beta": "fp32", "grad_scale": "fp32"}
+        return [(_kl_rows, sig, {"MODE": mode, "WRITE_GRAD": True, "BLOCK": BLOCK_MAX},
+                 {"num_warps": NUM_WARPS}) for mode in (0, 1, 2)]
+
+
+kl_distill = KLDistillKernel()

@@ -1,0 +1,255 @@
+"""Transformer losses: causal LM, fused linear cross-entropy, MLM, seq2seq, InfoNCE,
+KL distillation (with JSD) and fused linear distillation."""
+
+from __future__ import annotations
+
+import torch
+
+from lossreg import Impl, LossSpec, hookimpl
+
+from . import contrastive, distill, linear_ce, lm
+
+TRITON = dict(backend="triton", devices=("cuda",), requires=("triton",))
+CE_OPTIONS = {"ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean"}
+
+
+def _lm_sizes(quick_vocab=300):
+    return {"quick": [2, 5], "default": [4, 16], "large": [4, 16]}, {
+        "quick": {"seq": 9, "vocab": quick_vocab}, "default": {"seq": 128, "vocab": 32000},
+        "large": {"seq": 1024, "vocab": 131072}}
+
+
+def _tokens_flops(inputs, key):
+    nv = inputs[key].numel()
+    return {"forward": 4 * nv, "backward": 6 * nv, "full": 10 * nv}
+
+
+def _resize(make, n, **params):
+    def edge(case):
+        case.n = n
+        case.params = {**case.params, **params}
+        return make(case)
+
+    return edge
+
+
+def _with(make, **changes):
+    def edge(case):
+        inputs = make(case)
+        inputs.update({k: f(case, inputs) for k, f in changes.items()})
+        return inputs
+
+    return edge
+
+
+LINEAR_SIZES = {"quick": [37, 130], "default": [256, 8192], "large": [4096, 16384]}
+LINEAR_SHAPES = {"quick": {"hidden": 48, "vocab": 1000},
+                 "default": {"hidden": 1024, "vocab": 32000},
+                 "large": {"hidden": 4096, "vocab": 128256}}
+
+
+def _specs():
+    lm_sizes, lm_shapes = _lm_sizes()
+    yield LossSpec(
+        name="causal_lm", family="transformers", title="Causal language-model loss",
+        formula=(r"\frac{1}{|K|}\sum_{(b,t)\in K} -\log\mathrm{softmax}(z_{b,t})_{x_{b,t+1}},"
+                 r"\ K = \{(b,t): t < T-1,\ x_{b,t+1} \ne \mathrm{ignore}\}"),
+        description="Next-token cross-entropy over (B, T, V) logits; the shift is done "
+                    "inside, padding tokens equal ignore_index. `none` gives (B, T-1).",
+        citation="Radford et al. (2018); Bengio et al. (2003)",
+        reference=lm.causal_reference, make_inputs=lm.make_causal_inputs,
+        options=dict(CE_OPTIONS), grad_inputs=("logits",), x_name="sequences",
+        sizes=lm_sizes, input_params=lm_shapes,
+        check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}],
+        flops=lambda i: _tokens_flops(i, "logits"),
+        edge_cases={
+            "two_tokens": _resize(lm.make_causal_inputs, 3, seq=2),
+            "vocab_multi_block": _resize(lm.make_causal_inputs, 2, seq=5, vocab=8200),
+            "all_padding_after_first": _with(
+                _resize(lm.make_causal_inputs, 2, seq=6),
+                input_ids=lambda c, i: torch.cat([i["input_ids"][:, :1], torch.full_like(
+                    i["input_ids"][:, 1:], -100)], dim=1)),
+        },
+    )
+    yield LossSpec(
+        name="seq2seq", family="transformers", title="Sequence-to-sequence decoder loss",
+        formula=(r"\text{token: } \frac{\sum_{b,t} m_{bt}\,\ell_{bt}}{\sum_{b,t} m_{bt}},"
+                 r"\quad \text{sequence: } \frac{1}{B}\sum_b \frac{\sum_t m_{bt}\,\ell_{bt}}"
+                 r"{\max(1, \sum_t m_{bt})},\quad \ell_{bt} = \mathrm{CE}_\varepsilon(z_{bt}, y_{bt})"),
+        description="Decoder token cross-entropy with a padding mask (1 = real token) and "
+                    "label smoothing; `normalize` picks token or sequence averaging for "
+                    "`mean`; `none` gives (B, T) with zeros at padding, `sum` the total.",
+        citation="Sutskever et al. (2014); Szegedy et al. (2016) for label smoothing",
+        reference=lm.seq2seq_reference, make_inputs=lm.make_seq2seq_inputs,
+        options={"label_smoothing": 0.0, "normalize": "token", "reduction": "mean"},
+        grad_inputs=("logits",), x_name="sequences", sizes=lm_sizes, input_params=lm_shapes,
+        check_options=[{"normalize": "sequence"}, {"label_smoothing": 0.1},
+                       {"reduction": "none"}, {"reduction": "sum"},
+                       {"normalize": "sequence", "label_smoothing": 0.1}],
+        flops=lambda i: _tokens_flops(i, "logits"),
+        edge_cases={"one_token_sequences": _resize(lm.make_seq2seq_inputs, 4, seq=1),
+                    "vocab_multi_block": _resize(lm.make_seq2seq_inputs, 2, seq=3, vocab=8200)},
+    )
+    yield LossSpec(
+        name="fused_linear_cross_entropy", family="transformers",
+        title="Fused linear cross-entropy",
+        formula=(r"\mathrm{CE}\big(\mathrm{cap}(h W^\top + b),\ y\big),\quad"
+                 r"\mathrm{cap}(z) = c\tanh(z / c)"),
+        description="Cross-entropy of an LM head's logits without materializing the N x V "
+                    "logits: chunks of rows, gradients of hidden, weight and bias computed "
+                    "chunk by chunk during the forward. CE options as cross_entropy "
+                    "(no class weights); `softcap` optional.",
+        citation="Wijmans et al. (2024) Cut Your Losses; Hsu et al. (2024) Liger-Kernel",
+        reference=linear_ce.flce_reference, make_inputs=linear_ce.make_flce_inputs,
+        options={**CE_OPTIONS, "z_loss": 0.0, "softcap": None},
+        grad_inputs=("hidden", "weight", "bias"), x_name="tokens", sizes=LINEAR_SIZES,
+        input_params=LINEAR_SHAPES, flops=linear_ce.flce_flops,
+        check_options=[{"reduction": "sum"}, {"reduction": "none"},
+                       {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 15.0}],
+        edge_cases={
+            "bias": _with(linear_ce.make_flce_inputs,
+                          bias=lambda c, i: c.randn(i["weight"].shape[0])),
+            "one_row": _resize(linear_ce.make_flce_inputs, 1),
+            "all_ignored": _with(_resize(linear_ce.make_flce_inputs, 9),
+                                 target=lambda c, i: torch.full_like(i["target"], -100)),
+        },
+    )
+    yield LossSpec(
+        name="mlm", family="transformers", title="Masked language-model loss",
+        formula=(r"\frac{1}{|M|}\sum_{i\in M} -\log\mathrm{softmax}(W h_i)_{y_i},"
+                 r"\ M = \{i: y_i \ne -100\}"),
+        description="Cross-entropy of the LM head over masked positions only (labels -100 "
+                    "elsewhere, ~15% masked). The optimized versions select the masked rows "
+                    "before the vocabulary projection, then run fused linear cross-entropy.",
+        citation="Devlin et al. (2019) BERT",
+        reference=linear_ce.mlm_reference, make_inputs=linear_ce.make_mlm_inputs,
+        options={"reduction": "mean"}, grad_inputs=("hidden", "weight"), x_name="tokens",
+        sizes=LINEAR_SIZES, input_params=LINEAR_SHAPES,
+        check_options=[{"reduction": "sum"}, {"reduction": "none"}],
+        flops=linear_ce.flce_flops,
+        edge_cases={"one_masked": _with(
+            _resize(linear_ce.make_mlm_inputs, 23),
+            labels=lambda c, i: torch.where(torch.arange(23) == 7, 3, -100))},
+    )
+    yield LossSpec(
+        name="info_nce", family="transformers", title="InfoNCE / NT-Xent",
+        formula=(r"\frac{1}{B}\sum_i \tfrac12\Big[\Big(\mathrm{lse}_j S_{ij} - S_{ii}\Big)"
+                 r" + \Big(\mathrm{lse}_j S_{ji} - S_{ii}\Big)\Big],\quad"
+                 r"S_{ij} = \frac{\cos(u_i, v_j)}{\tau}"),
+        description="Contrastive loss of two views with positives on the diagonal; "
+                    "`symmetric` averages the row and column cross-entropies (else rows "
+                    "only). The chunked and Triton versions never hold the B x B matrix.",
+        citation="van den Oord et al. (2018); Chen et al. (2020) SimCLR; Gao et al. (2021) "
+                 "SimCSE",
+        reference=contrastive.reference, make_inputs=contrastive.make_inputs,
+        options={"temperature": 0.1, "symmetric": True, "reduction": "mean"},
+        grad_inputs=("u", "v"), x_name="batch",
+        sizes={"quick": [40, 130], "default": [4096, 16384], "large": [16384, 65536]},
+        input_params={"quick": {"dim": 32}, "default": {"dim": 256}, "large": {"dim": 256}},
+        check_options=[{"symmetric": False}, {"reduction": "none"}, {"reduction": "sum"},
+                       {"temperature": 0.02}],
+        flops=lambda i: {"forward": 2 * i["u"].shape[0] ** 2 * i["u"].shape[1],
+                         "full": 8 * i["u"].shape[0] ** 2 * i["u"].shape[1]},
+        edge_cases={"batch_of_one": _resize(contrastive.make_inputs, 1),
+                    "identical_views": _with(contrastive.make_inputs,
+                                             v=lambda c, i: i["u"].clone())},
+    )
+    kl_shapes = {"quick": {"vocab": 1000}, "default": {"vocab": 32000},
+                 "large": {"vocab": 131072}}
+    yield LossSpec(
+        name="kl_distillation", family="transformers", title="KL / JSD distillation",
+        formula=(r"T^2\,\mathrm{KL}\big(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T)\big)"
+                 r"\ \text{(forward; reverse swaps; jsd: } T^2[\beta\,\mathrm{KL}(p\|m) + "
+                 r"(1-\beta)\,\mathrm{KL}(q\|m)],\ m = \beta p + (1-\beta) q)"),
+        description="Distillation of student logits s towards teacher logits t over the "
+                    "vocabulary, per row, mean over rows (batchmean). The teacher gets no "
+                    "gradient.",
+        citation="Hinton et al. (2015); Agarwal et al. (2024) GKD for the generalized JSD",
+        reference=distill.kl_reference, make_inputs=distill.make_kl_inputs,
+        options={"temperature": 1.0, "direction": "forward", "beta": 0.5, "reduction": "mean"},
+        grad_inputs=("student",), x_name="tokens",
+        sizes={"quick": [16, 67], "default": [512, 2048], "large": [4096, 16384]},
+        input_params=kl_shapes,
+        check_options=[{"direction": "reverse"}, {"direction": "jsd"},
+                       {"direction": "jsd", "beta": 0.9, "temperature": 2.0},
+                       {"temperature": 2.0, "reduction": "none"}, {"reduction": "sum"}],
+        flops=lambda i: _tokens_flops(i, "student"),
+        edge_cases={
+            "vocab_multi_block": _resize(distill.make_kl_inputs, 3, vocab=8200),
+            "extreme_student": _with(_resize(distill.make_kl_inputs, 5, vocab=300),
+                                     student=lambda c, i: torch.where(
+                                         c.rand(5, 300) < 0.5, 1e4, -1e4).to(i["student"].dtype)),
+            "student_equals_teacher": _with(distill.make_kl_inputs,
+                                            student=lambda c, i: i["teacher"].clone()),
+        },
+    )
+    yield LossSpec(
+        name="fused_linear_distillation", family="transformers",
+        title="Fused linear distillation",
+        formula=(r"T^2\,\mathrm{D}\big(\mathrm{softmax}(h^t W_t^\top/T),\ "
+                 r"\mathrm{softmax}(h^s W_s^\top/T)\big),\ D \in \{\mathrm{KL},"
+                 r"\mathrm{KL}^\top, \mathrm{JSD}_\beta\}"),
+        description="kl_distillation from student and teacher hidden states and LM heads, "
+                    "chunk by chunk: neither logit matrix is ever whole. Gradients go to "
+                    "the student only.",
+        citation="Hinton et al. (2015); Hsu et al. (2024) Liger-Kernel fused linear JSD",
+        reference=distill.fld_reference, make_inputs=distill.make_fld_inputs,
+        options={"temperature": 1.0, "direction": "forward", "beta": 0.5, "reduction": "mean"},
+        grad_inputs=("student_hidden", "student_weight"), x_name="tokens",
+        sizes={"quick": [37, 130], "default": [256, 4096], "large": [4096, 8192]},
+        input_params={"quick": {"hidden": 48, "vocab": 1000},
+                      "default": {"hidden": 1024, "vocab": 32000},
+                      "large": {"hidden": 4096, "vocab": 128256}},
+        check_options=[{"direction": "reverse", "temperature": 2.0}, {"direction": "jsd"},
+                       {"reduction": "none"}],
+        flops=lambda i: {"forward": 4 * i["student_hidden"].numel() * i["student_weight"].shape[0],
+                         "full": 8 * i["student_hidden"].numel() * i["student_weight"].shape[0]},
+        edge_cases={"one_row": _resize(distill.make_fld_inputs, 1)},
+    )
+
+
+@hookimpl
+def register_losses(register):
+    for spec in _specs():
+        register(spec)
+
+
+@hookimpl
+def register_implementations(register):
+    register("causal_lm", Impl("torch", lm.causal_torch, kind="baseline",
+                               description="shifted view + F.cross_entropy"))
+    register("causal_lm", Impl("triton", lm.causal_triton, grad_in_forward=True, **TRITON,
+                               description="cross_entropy kernel over the unshifted rows"))
+    register("seq2seq", Impl("torch", lm.seq2seq_torch, kind="baseline",
+                             description="F.cross_entropy per token + normalization"))
+    register("seq2seq", Impl("triton", lm.seq2seq_triton, **TRITON,
+                             description="cross_entropy kernel"))
+    register("fused_linear_cross_entropy", Impl(
+        "torch", linear_ce.flce_torch, kind="baseline",
+        description="full logits + F.cross_entropy"))
+    register("fused_linear_cross_entropy", Impl(
+        "chunked", linear_ce.flce_chunked, grad_in_forward=True,
+        description="row chunks from a memory budget; eager CE per chunk"))
+    register("fused_linear_cross_entropy", Impl(
+        "triton", linear_ce.flce_triton, grad_in_forward=True, **TRITON,
+        description="row chunks; the Triton CE kernel turns each logit chunk into its "
+                    "gradient in place"))
+    register("mlm", Impl("selected", linear_ce.mlm_selected, grad_in_forward=True,
+                         description="masked rows first, then chunked fused linear CE"))
+    register("mlm", Impl("triton", linear_ce.mlm_triton, grad_in_forward=True, **TRITON,
+                         description="masked rows first, then Triton fused linear CE"))
+    register("info_nce", Impl("chunked", contrastive.chunked,
+                              description="row blocks of S, online column logsumexp"))
+    register("info_nce", Impl("triton", contrastive.triton_impl, **TRITON,
+                              description="logsumexps from the pairwise template"))
+    register("kl_distillation", Impl("torch", distill.kl_torch, kind="baseline",
+                                     description="F.kl_div on log-softmaxes"))
+    register("kl_distillation", Impl("triton", distill.kl_triton, grad_in_forward=True,
+                                     **TRITON, description="one program per row, gradient "
+                                                           "in the forward"))
+    register("fused_linear_distillation", Impl(
+        "chunked", distill.fld_chunked, grad_in_forward=True,
+        description="row chunks of both logit blocks; eager divergence"))
+    register("fused_linear_distillation", Impl(
+        "triton", distill.fld_triton, grad_in_forward=True, **TRITON,
+        description="row chunks; Triton divergence kernel"))

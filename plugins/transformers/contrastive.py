@@ -1,0 +1,153 @@
+"""InfoNCE / NT-Xent over two views without the B x B similarity matrix.
+
+With unit vectors u_i, v_j and S_ij = u_i . v_j / tau, the row loss is
+lse_j S_ij - S_ii and, with ``symmetric``, the column loss lse_i S_ij - S_jj; the
+per-sample loss is the row loss, or the mean of the two.
+
+The chunked form holds one block of rows of S at a time (rows x B): the row
+logsumexps come from whole rows, the column ones are kept online across blocks
+(running max and sum per column). The backward recomputes each block and forms
+dS = g_i (softmax_row - I) + g_j (softmax_col - I) for it, so memory is O(B * block)
+both ways. The Triton implementation takes the two logsumexps from the pairwise
+template (a `logsumexp` channel over column tiles) and shares this backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lossreg.kernels import jit
+from lossreg.kernels.pairwise import pairwise_reduction
+from lossreg.validate import check_reduction
+
+from .linear_ce import CHUNK_BYTES
+
+
+def validate(u, v, temperature, symmetric, reduction):
+    for name, x in (("u", u), ("v", v)):
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() != 2:
+            raise ValueError(f"info_nce: {name} must be a floating-point (B, D) tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    if u.shape != v.shape:
+        raise ValueError(f"info_nce: the two views must have the same shape, got "
+                         f"{tuple(u.shape)} and {tuple(v.shape)}")
+    if u.device != v.device:
+        raise ValueError(f"info_nce: u on {u.device}, v on {v.device}")
+    if not float(temperature) > 0:
+        raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"info_nce: symmetric must be True or False, got {symmetric!r}")
+    check_reduction("info_nce", reduction)
+
+
+def _finish(row, col, symmetric, reduction):
+    per = (row + col) / 2 if symmetric else row
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+def reference(u, v, temperature=0.1, symmetric=True, reduction="mean"):
+    """The full similarity matrix and two cross-entropies with diagonal targets."""
+    validate(u, v, temperature, symmetric, reduction)
+    sim = F.normalize(u, dim=1) @ F.normalize(v, dim=1).T / temperature
+    labels = torch.arange(u.shape[0], device=u.device)
+    row = F.cross_entropy(sim, labels, reduction="none")
+    col = F.cross_entropy(sim.T, labels, reduction="none") if symmetric else None
+    return _finish(row, col, symmetric, reduction)
+
+
+def _block_rows(b: int) -> int:
+    return max(1, min(b, CHUNK_BYTES // (4 * max(b, 1))))
+
+
+def _stats_torch(un, vn, inv_t):
+    """Row and column logsumexps of S, one block of rows at a time."""
+    b = un.shape[0]
+    step = _block_rows(b)
+    row_lse = torch.empty(b, dtype=torch.float32, device=un.device)
+    col_max = torch.full((b,), float("-inf"), dtype=torch.float32, device=un.device)
+    col_sum = torch.zeros(b, dtype=torch.float32, device=un.device)
+    for start in range(0, b, step):
+        s = (un[start:start + step] @ vn.T).float() * inv_t
+        row_lse[start:start + step] = torch.logsumexp(s, dim=1)
+        blk_max = s.max(dim=0).values
+        new_max = torch.maximum(col_max, blk_max)
+        col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(
+            s - new_max[None, :]).sum(0)
+        col_max = new_max
+    return row_lse, col_max + torch.log(col_sum)
+
+
+@jit
+def _scaled_dot(dot, sq_row, sq_col, lab_row, lab_col, row, col, p0, p1):
+    return dot * p0, dot
+
+
+_lse_pairs = pairwise_reduction(_scaled_dot, ("logsumexp",), name="info_nce_lse")
+
+
+def _stats_triton(un, vn, inv_t):
+    ((row_lse, _),) = _lse_pairs(un, vn, p0=inv_t)
+    ((col_lse, _),) = _lse_pairs(vn, un, p0=inv_t)
+    return row_lse.float(), col_lse.float()
+
+
+STATS = {"torch": _stats_torch, "triton": _stats_triton}
+
+
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, un, vn, temperature, symmetric, engine):
+        inv_t = 1.0 / temperature
+        row_lse, col_lse = STATS[engine](un, vn, inv_t)
+        diag = (un * vn).sum(1).float() * inv_t
+        ctx.save_for_backward(un, vn, row_lse, col_lse)
+        ctx.meta = (inv_t, symmetric)
+        return row_lse - diag, col_lse - diag
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        un, vn, row_lse, col_lse = ctx.saved_tensors
+        inv_t, symmetric = ctx.meta
+        b = un.shape[0]
+        g_row = g_row.float()
+        g_col = g_col.float() if symmetric else torch.zeros_like(g_row)
+        du = torch.empty_like(un)
+        dv = torch.zeros(vn.shape, dtype=torch.float32, device=vn.device)
+        step = _block_rows(b)
+        for start in range(0, b, step):
+            stop = min(b, start + step)
+            s = (un[start:stop] @ vn.T).float() * inv_t
+            ds = torch.exp(s - row_lse[start:stop, None]).mul_(g_row[start:stop, None])
+            if symmetric:
+                ds.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(g_col[None, :]))
+            idx = torch.arange(start, stop, device=un.device)
+            ds[idx - start, idx] -= g_row[start:stop] + g_col[start:stop]
+            ds.mul_(inv_t)
+            du[start:stop] = (ds @ vn.float()).to(du.dtype)
+            dv.addmm_(ds.T, un[start:stop].float())
+        return du, dv.to(vn.dtype), None, None, None
+
+
+def _chunked(engine):
+    def fn(u, v, temperature=0.1, symmetric=True, reduction="mean"):
+        validate(u, v, temperature, symmetric, reduction)
+        row, col = _InfoNCE.apply(F.normalize(u, dim=1), F.normalize(v, dim=1),
+                                  float(temperature), symmetric, engine)
+        out = _finish(row, col, symmetric, reduction)
+        return out.to(u.dtype)
+
+    fn.__name__ = f"info_nce_{engine}"
+    return fn
+
+
+chunked = _chunked("torch")
+triton_impl = _chunked("triton")
+
+
+def make_inputs(case):
+    d = int(case.params.get("dim", 32))
+    u = case.randn(case.n, d)
+    return {"u": u, "v": u + 0.7 * case.randn(case.n, d)}  # two noisy views
