@@ -62,15 +62,21 @@ def _block_rows(b: int) -> int:
     return max(1, min(b, CHUNK_BYTES // (4 * max(b, 1))))
 
 
+def _acc(x):
+    """float32 for half and single precision, float64 for float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _stats_torch(un, vn, inv_t):
     """Row and column logsumexps of S, one block of rows at a time."""
     b = un.shape[0]
     step = _block_rows(b)
-    row_lse = torch.empty(b, dtype=torch.float32, device=un.device)
-    col_max = torch.full((b,), float("-inf"), dtype=torch.float32, device=un.device)
-    col_sum = torch.zeros(b, dtype=torch.float32, device=un.device)
+    acc = _acc(un)
+    row_lse = torch.empty(b, dtype=acc, device=un.device)
+    col_max = torch.full((b,), float("-inf"), dtype=acc, device=un.device)
+    col_sum = torch.zeros(b, dtype=acc, device=un.device)
     for start in range(0, b, step):
-        s = (un[start:start + step] @ vn.T).float() * inv_t
+        s = (un[start:start + step] @ vn.T).to(acc) * inv_t
         row_lse[start:start + step] = torch.logsumexp(s, dim=1)
         blk_max = s.max(dim=0).values
         new_max = torch.maximum(col_max, blk_max)
@@ -91,7 +97,7 @@ _lse_pairs = pairwise_reduction(_scaled_dot, ("logsumexp",), name="info_nce_lse"
 def _stats_triton(un, vn, inv_t):
     ((row_lse, _),) = _lse_pairs(un, vn, p0=inv_t)
     ((col_lse, _),) = _lse_pairs(vn, un, p0=inv_t)
-    return row_lse.float(), col_lse.float()
+    return row_lse.to(_acc(un)), col_lse.to(_acc(un))
 
 
 STATS = {"torch": _stats_torch, "triton": _stats_triton}
@@ -102,7 +108,7 @@ class _InfoNCE(torch.autograd.Function):
     def forward(ctx, un, vn, temperature, symmetric, engine):
         inv_t = 1.0 / temperature
         row_lse, col_lse = STATS[engine](un, vn, inv_t)
-        diag = (un * vn).sum(1).float() * inv_t
+        diag = (un * vn).sum(1).to(_acc(un)) * inv_t
         ctx.save_for_backward(un, vn, row_lse, col_lse)
         ctx.meta = (inv_t, symmetric)
         return row_lse - diag, col_lse - diag
@@ -112,22 +118,23 @@ class _InfoNCE(torch.autograd.Function):
         un, vn, row_lse, col_lse = ctx.saved_tensors
         inv_t, symmetric = ctx.meta
         b = un.shape[0]
-        g_row = g_row.float()
-        g_col = g_col.float() if symmetric else torch.zeros_like(g_row)
+        acc = _acc(un)
+        g_row = g_row.to(acc)
+        g_col = g_col.to(acc) if symmetric else torch.zeros_like(g_row)
         du = torch.empty_like(un)
-        dv = torch.zeros(vn.shape, dtype=torch.float32, device=vn.device)
+        dv = torch.zeros(vn.shape, dtype=acc, device=vn.device)
         step = _block_rows(b)
         for start in range(0, b, step):
             stop = min(b, start + step)
-            s = (un[start:stop] @ vn.T).float() * inv_t
+            s = (un[start:stop] @ vn.T).to(acc) * inv_t
             ds = torch.exp(s - row_lse[start:stop, None]).mul_(g_row[start:stop, None])
             if symmetric:
                 ds.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(g_col[None, :]))
             idx = torch.arange(start, stop, device=un.device)
             ds[idx - start, idx] -= g_row[start:stop] + g_col[start:stop]
             ds.mul_(inv_t)
-            du[start:stop] = (ds @ vn.float()).to(du.dtype)
-            dv.addmm_(ds.T, un[start:stop].float())
+            du[start:stop] = (ds @ vn.to(acc)).to(du.dtype)
+            dv.addmm_(ds.T, un[start:stop].to(acc))
         return du, dv.to(vn.dtype), None, None, None
 
 

@@ -1,0 +1,199 @@
+"""Transformer losses: the chunked and Triton paths against float64, several chunks
+forced by a tiny memory budget, and the formulas checked independently."""
+
+import math
+
+import pytest
+import torch
+
+import lossreg
+from lossreg.kernels import HAVE_TRITON, interpreting
+from lossreg.spec import Case
+from lossreg_plugins.transformers import contrastive, linear_ce
+
+from tolerances import assert_close64
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON or not (interpreting() or
+                                                          torch.cuda.is_available()),
+                                  reason="needs triton")
+
+
+def impls(loss):
+    names = [n for n, i in lossreg.get(loss).implementations.items()
+             if n not in ("compile", "reference")]
+    return [pytest.param(n, marks=needs_triton) if n == "triton" else n for n in names]
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    monkeypatch.setattr(linear_ce, "CHUNK_BYTES", 4 * 1000 * 16)   # 16 rows of V=1000
+    monkeypatch.setattr(contrastive, "CHUNK_BYTES", 4 * 130 * 16)  # 16 rows of B=130
+
+
+def _grads_match(spec, fn, inputs, options, dtype=torch.float32, seed=0):
+    names = spec.grad_names(inputs)
+    leaves = {k: v.clone().requires_grad_(True) if k in names else v for k, v in inputs.items()}
+    l64 = {k: v.detach().double().requires_grad_(True) if k in names else
+           (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+           for k, v in inputs.items()}
+    out = fn(**leaves, **options)
+    ref = spec.reference(**l64, **options)
+    assert_close64(out, ref, dtype, "loss")
+    cot = torch.rand(ref.shape, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(seed)) + 0.5
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], cot.to(out.dtype))
+    grads64 = torch.autograd.grad(ref, [l64[k] for k in names], cot)
+    for k, g, g64 in zip(names, grads, grads64):
+        assert_close64(g, g64, dtype, f"grad {k}")
+
+
+@pytest.mark.parametrize("impl", impls("fused_linear_cross_entropy"))
+@pytest.mark.parametrize("options", [
+    {"reduction": "mean"}, {"reduction": "none"}, {"reduction": "sum", "softcap": 10.0},
+    {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_flce_over_many_chunks(tiny_chunks, impl, options):
+    spec = lossreg.get("fused_linear_cross_entropy")
+    inputs = spec.make_inputs(Case(n=70, seed=3, params={"hidden": 24, "vocab": 1000}))
+    inputs["bias"] = torch.randn(1000) * 0.3
+    assert linear_ce.chunk_rows(70, 1000) == 16
+    _grads_match(spec, spec.implementations[impl].fn, inputs, {**spec.options, **options})
+
+
+@pytest.mark.parametrize("impl", impls("mlm"))
+def test_mlm_selected_rows(tiny_chunks, impl):
+    spec = lossreg.get("mlm")
+    inputs = spec.make_inputs(Case(n=90, seed=4, params={"hidden": 24, "vocab": 1000}))
+    for reduction in ("mean", "none"):
+        _grads_match(spec, spec.implementations[impl].fn, inputs, {"reduction": reduction})
+
+
+@pytest.mark.parametrize("impl", impls("fused_linear_distillation"))
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_fused_distillation_over_many_chunks(tiny_chunks, impl, direction):
+    spec = lossreg.get("fused_linear_distillation")
+    inputs = spec.make_inputs(Case(n=45, seed=5, params={"hidden": 16, "vocab": 1000}))
+    options = {**spec.options, "direction": direction, "temperature": 1.7}
+    _grads_match(spec, spec.implementations[impl].fn, inputs, options)
+    # the teacher never receives a gradient
+    t_w = inputs["teacher_weight"].clone().requires_grad_(True)
+    s_h = inputs["student_hidden"].clone().requires_grad_(True)
+    out = spec.implementations[impl].fn(**{**inputs, "teacher_weight": t_w,
+                                           "student_hidden": s_h}, **options)
+    out.backward()
+    assert t_w.grad is None and s_h.grad is not None
+
+
+def _divergence64(s, t, temp, direction, beta):
+    """Written from the definitions with probabilities, in float64."""
+    q = torch.softmax(s.double() / temp, -1)
+    p = torch.softmax(t.double() / temp, -1)
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
+    if direction == "forward":
+        rows = kl(p, q)
+    elif direction == "reverse":
+        rows = kl(q, p)
+    else:
+        m = beta * p + (1 - beta) * q
+        rows = beta * kl(p, m) + (1 - beta) * kl(q, m)
+    return rows * temp**2
+
+
+@pytest.mark.parametrize("impl", impls("kl_distillation"))
+@pytest.mark.parametrize("direction, beta, temp", [("forward", 0.5, 1.0), ("reverse", 0.5, 2.0),
+                                                   ("jsd", 0.5, 1.0), ("jsd", 0.2, 3.0)])
+def test_kl_against_definition(impl, direction, beta, temp):
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(9, 777, generator=g) * 2
+    s = (t + torch.randn(9, 777, generator=g)).requires_grad_(True)
+    fn = lossreg.get("kl_distillation").implementations[impl].fn
+    out = fn(s, t, temperature=temp, direction=direction, beta=beta, reduction="none")
+    s64 = s.detach().double().requires_grad_(True)
+    ref = _divergence64(s64, t, temp, direction, beta)
+    assert_close64(out, ref, torch.float32)
+    cot = torch.rand(9, dtype=torch.float64, generator=g) + 0.5
+    (gs,) = torch.autograd.grad(out, s, cot.float())
+    (g64,) = torch.autograd.grad(ref, s64, cot)
+    assert_close64(gs, g64, torch.float32)
+
+
+@pytest.mark.parametrize("impl", impls("info_nce"))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_info_nce_over_row_blocks(tiny_chunks, impl, symmetric):
+    spec = lossreg.get("info_nce")
+    inputs = spec.make_inputs(Case(n=130, seed=6, params={"dim": 20}))
+    assert contrastive._block_rows(130) == 16
+    for reduction in ("mean", "none"):
+        _grads_match(spec, spec.implementations[impl].fn, inputs,
+                     {"temperature": 0.07, "symmetric": symmetric, "reduction": reduction})
+
+
+def test_info_nce_matches_hand_written_nt_xent():
+    g = torch.Generator().manual_seed(2)
+    u, v = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(
+        6, 5, generator=g, dtype=torch.float64)
+    un, vn = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
+    loss = 0.0
+    for i in range(6):
+        sims = [float(un[i] @ vn[j]) / 0.5 for j in range(6)]
+        loss += math.log(sum(math.exp(x) for x in sims)) - sims[i]
+    got = lossreg.get("info_nce").implementations["chunked"].fn(u, v, 0.5, symmetric=False)
+    assert abs(float(got) - loss / 6) < 1e-12
+
+
+@pytest.mark.parametrize("impl", impls("causal_lm"))
+def test_causal_lm_shift_and_padding(impl):
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 6, 50, generator=g)
+    ids = torch.randint(0, 50, (3, 6), generator=g)
+    ids[1, 4:] = -100
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 50).double(), ids[:, 1:].reshape(-1))
+    got = lossreg.get("causal_lm").implementations[impl].fn(logits, ids)
+    assert_close64(got, expected, torch.float32)
+    per = lossreg.get("causal_lm").implementations[impl].fn(logits, ids, reduction="none")
+    assert per.shape == (3, 5) and float(per[1, 3:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("impl", impls("seq2seq"))
+def test_seq2seq_sequence_normalization(impl):
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, 5, 30, generator=g)
+    target = torch.randint(0, 30, (4, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    per_seq = []
+    for b in range(4):
+        n = int(mask[b].sum())
+        per_seq.append(torch.nn.functional.cross_entropy(
+            logits[b, :n].double(), target[b, :n], label_smoothing=0.1))
+    expected = torch.stack(per_seq).mean()
+    got = lossreg.get("seq2seq").implementations[impl].fn(
+        logits, target, mask, label_smoothing=0.1, normalize="sequence")
+    assert_close64(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("loss, kwargs, message", [
+    ("fused_linear_cross_entropy", {"hidden": torch.randn(4, 3), "weight": torch.randn(7, 5),
+                                    "target": torch.zeros(4, dtype=torch.long)},
+     "hidden sizes must agree"),
+    ("fused_linear_cross_entropy", {"hidden": torch.randn(4, 3), "weight": torch.randn(7, 3),
+                                    "target": torch.tensor([0, 1, 2, 9])},
+     r"target values must be in \[0, 7\)"),
+    ("kl_distillation", {"student": torch.randn(2, 5), "teacher": torch.randn(2, 5),
+                         "direction": "sideways"}, "direction must be one of"),
+    ("kl_distillation", {"student": torch.randn(2, 5), "teacher": torch.randn(2, 5),
+                         "direction": "jsd", "beta": 1.0}, r"beta must be in \(0, 1\)"),
+    ("info_nce", {"u": torch.randn(3, 4), "v": torch.randn(3, 5)}, "same shape"),
+    ("info_nce", {"u": torch.randn(3, 4), "v": torch.randn(3, 4), "temperature": 0},
+     "temperature must be > 0"),
+    ("causal_lm", {"logits": torch.randn(2, 1, 5), "input_ids": torch.zeros(2, 1,
+                                                                          dtype=torch.long)},
+     "at least 2 positions"),
+    ("seq2seq", {"logits": torch.randn(2, 3, 5), "target": torch.zeros(2, 3, dtype=torch.long),
+                 "mask": torch.ones(2, 3), "normalize": "token"}, "mask must be a bool"),
+])
+def test_validation(loss, kwargs, message):
+    for name, impl in lossreg.get(loss).implementations.items():
+        if name == "compile" or impl.missing_requirements():
+            continue
+        with pytest.raises(ValueError, match=message):
+            impl.fn(**kwargs)
