@@ -11,9 +11,10 @@ positives; one cluster and no noise: no negatives), with zero gradient.
 
 The distance ``d_ij = sqrt(D_ij)`` comes from the Gram form of ``D`` clamped at 0, and its
 gradient is taken as 0 where ``D_ij = 0`` (coincident points: no direction; the pull
-term's gradient vanishes there anyway). In float32 the Gram form rounds coincident
-points to distances ~ 1e-3 |x|: harmless for positives (below eps), but coincident
-points of different labels get an O(1e-3) relative error in their push term.
+term's gradient vanishes there anyway). In float32 the Gram form's rounding (a few
+ulps of |x|^2) leaves coincident points up to ~5e-4 |x| apart: harmless for positives
+(below eps), but coincident points of different labels get a relative error of that
+order in their push term, and a gradient direction from rounding noise.
 
 The Triton implementation sums both terms per row with the pairwise-tile template (two
 ``sum`` channels, never the n x n matrix) and the gradient with one weighted-sum pass
