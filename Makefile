@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --durations=10
 
 bench: $(STAMP)
 	$(BIN)/lossreg bench --device auto --sizes default --out results

@@ -164,8 +164,12 @@ class Verdict:
 
 
 def compare(out: Any, ref: torch.Tensor, rtol: float, atol: float, what: str = "output") -> Verdict:
-    """Pass when ||out-ref||/||ref|| <= rtol or max|out-ref| <= atol; NaN/inf must sit
-    exactly where the reference has them (a NaN the reference lacks never passes)."""
+    """Pass when ||out-ref||/||ref|| <= rtol, or when max|out-ref| <= atol.
+
+    ``atol`` is an absolute floor near the dtype's rounding noise (float32 1e-7), not
+    the relative tolerance reused as an absolute one: a gradient of 1e-5 per element
+    must be right to 1e-5 relative, not merely within 1e-5 of the truth. NaN/inf must
+    sit exactly where the reference has them (a NaN the reference lacks never passes)."""
     if not torch.is_tensor(out):
         return Verdict(False, None, None, f"{what}: returned {type(out).__name__}, not a tensor")
     if out.shape != ref.shape:
@@ -186,10 +190,11 @@ def compare(out: Any, ref: torch.Tensor, rtol: float, atol: float, what: str = "
         return Verdict(True, 0.0, 0.0)
     diff = (fo - fr).abs()
     max_abs = float(diff.max())
-    denom = float(fr.norm())
-    rel = float(diff.norm()) / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
+    err, denom = float(diff.norm()), float(fr.norm())
+    rel = err / denom if denom > 0 else (0.0 if err == 0 else math.inf)
     ok = rel <= rtol or max_abs <= atol
-    msg = "" if ok else f"{what}: rel_err {rel:.3g} > rtol {rtol:g} and max_abs {max_abs:.3g} > atol {atol:g}"
+    msg = "" if ok else (f"{what}: rel_err {rel:.3g} > rtol {rtol:g} and max_abs "
+                         f"{max_abs:.3g} > atol {atol:g}")
     return Verdict(ok, max_abs, rel, msg)
 
 

@@ -308,13 +308,13 @@ KMEANS_EDGE_CASES = {
 }
 
 KMEANS_SIZES = {
-    "quick": [200, 1000],
+    "quick": [67, 250],
     # n = 65536, K = 1024, d = 64 is the chunked-vs-reference memory/time benchmark
     "default": [4096, 65536],
     "large": [65536, 262144],
 }
 KMEANS_PARAMS = {
-    "quick": {"clusters": 70, "dim": 24},
+    "quick": {"clusters": 37, "dim": 24},
     "default": {"clusters": 1024, "dim": 64},
     "large": {"clusters": 1024, "dim": 64},
 }

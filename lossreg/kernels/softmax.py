@@ -72,15 +72,19 @@ if HAVE_TRITON:
         return m, s, x_y, xw
 
     @triton.jit
-    def ce_grad_range(X_row, DX_row, W, start, stop, y, lse, w_y, w_sum, eps, n_cls, z_coef,
+    def ce_grad_range(X_row, DX_row, W, start, stop, y, m, r, w_y, w_sum, eps, n_cls, z_coef,
                       scale, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
                       BLOCK: tl.constexpr):
-        """dL/dx_c = scale * [(1-eps) w_y (p_c - [c=y]) + eps/C (W p_c - w_c) + 2 z lse p_c]."""
+        """dL/dx_c = scale * [(1-eps) w_y (p_c - [c=y]) + eps/C (W p_c - w_c) + 2 z lse p_c],
+        with lse = m + r split into the row max m and r = log(sum exp(x - m)): p_c =
+        exp((x_c - m) - r) stays exact for logits of 1e4, where x - lse in float32
+        would round lse to 1e-3."""
+        lse = m + r
         for off in range(start, stop, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             mask = cols < stop
             x = tl.load(X_row + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse)
+            p = tl.exp((x - m) - r)
             g = (1.0 - eps) * w_y * (p - tl.where(cols == y, 1.0, 0.0))
             if SMOOTH:
                 if HAS_W:
@@ -131,9 +135,10 @@ if HAVE_TRITON:
             tl.store(st + 1, s)
             tl.store(st + 2, x_y)
             tl.store(st + 3, xw)
-            lse = m + tl.log(s)
-        else:
-            lse = tl.load(STATS + row * n_parts * 4)
+            r = tl.log(s)
+        else:  # the host combined the parts: STATS[row, 0, :2] = (max, log-sum-exp - max)
+            m = tl.load(STATS + row * n_parts * 4)
+            r = tl.load(STATS + row * n_parts * 4 + 1)
         if DO_GRAD:
             if ignored:
                 _zero_range(DX_row, start, stop, BLOCK)
@@ -147,7 +152,7 @@ if HAVE_TRITON:
                     scale = tl.load(G + row).to(tl.float32)
                 else:
                     scale = 1.0 / tl.load(DENOM)
-                ce_grad_range(X_row, DX_row, W, start, stop, y_safe, lse, w_y, w_sum, eps,
+                ce_grad_range(X_row, DX_row, W, start, stop, y_safe, m, r, w_y, w_sum, eps,
                               n_cls, z_coef, scale, HAS_W, SMOOTH, HAS_Z, BLOCK)
 
 BLOCK_MAX = 4096  # H200 sweep (benchmarks/tune_kernels.py): 4096 x 8 warps beat 8192-32768
@@ -173,20 +178,21 @@ def row_loss(stats: torch.Tensor, target: torch.Tensor, weight, ignore_index: in
     m, s, x_y, xw = stats.unbind(-1)
     big = m.max(dim=1).values
     safe_big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
-    lse = safe_big + torch.log((s * torch.exp(m - safe_big[:, None])).sum(1))
-    lse = torch.where(torch.isnan(big), big, lse)
+    r = torch.log((s * torch.exp(m - safe_big[:, None])).sum(1))
+    r = torch.where(torch.isnan(big), big, r)
+    lse = safe_big + r
     x_y, xw = x_y.sum(1), xw.sum(1)
     keep = target != ignore_index
     y = torch.where(keep, target, 0)
     w_y = weight.float()[y] if weight is not None else torch.ones_like(lse)
     w_y = torch.where(keep, w_y, torch.zeros_like(w_y))
-    loss = w_y * (lse - x_y)
+    loss = w_y * ((safe_big - x_y) + r)  # not lse - x_y: that rounds lse at 1e4
     if eps:
         w_sum = float(weight.float().sum()) if weight is not None else float(n_cls)
         loss = (1 - eps) * loss + eps / n_cls * torch.where(keep, w_sum * lse - xw, 0.0)
     if z_loss:
         loss = loss + z_loss * torch.where(keep, lse * lse, 0.0)
-    return loss, lse, w_y
+    return loss, torch.stack([safe_big, r], dim=1), w_y
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -222,16 +228,16 @@ class _CrossEntropy(torch.autograd.Function):
                 *args, dx if fused else x, scale_denom, scale_denom, x.stride(0),
                 (dx if fused else x).stride(0), *scalars, DO_STATS=True, DO_GRAD=fused,
                 G_PER_ROW=False, **common)
-        loss, lse, _ = row_loss(stats, target, w, ignore_index, eps, z_loss, n_cls)
+        loss, max_r, _ = row_loss(stats, target, w, ignore_index, eps, z_loss, n_cls)
         if dx is not None and not fused and n_rows:
-            stats[:, 0, 0] = lse
+            stats[:, 0, :2] = max_r
             _ce_rows[(n_rows, parts)](
                 *args, dx, scale_denom, scale_denom, x.stride(0), dx.stride(0), *scalars,
                 DO_STATS=False, DO_GRAD=True, G_PER_ROW=False, **common)
         ctx.reduction, ctx.shape = reduction, logits.shape
         ctx.meta = (ignore_index, float(eps), float(z_loss), w_sum, block, parts, chunk, common)
         if reduction == "none":
-            stats[:, 0, 0] = lse
+            stats[:, 0, :2] = max_r
             ctx.save_for_backward(x, target, w, stats)
             return loss.to(logits.dtype)
         ctx.save_for_backward(dx)
@@ -340,10 +346,12 @@ KL_MODES = {"forward": 0, "reverse": 1, "jsd": 2}
 if HAVE_TRITON:
 
     @triton.jit
-    def _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb, beta, MODE: tl.constexpr):
-        """Per-column loss term and `a` (dL/dq = a, for the softmax chain rule)."""
-        logq = s * inv_temp - lse_s
-        logp = t * inv_temp - lse_t
+    def _kl_terms(s, t, m_s, r_s, m_t, r_t, inv_temp, log_beta, log_1mb, beta,
+                  MODE: tl.constexpr):
+        """Per-column loss term and `a` (dL/dq = a, for the softmax chain rule). The
+        log-softmaxes are (x - max) - log-sum, never x - lse (lse rounds at 1e4)."""
+        logq = (s * inv_temp - m_s) - r_s
+        logp = (t * inv_temp - m_t) - r_t
         q = tl.exp(logq)
         p = tl.exp(logp)
         if MODE == 0:  # KL(p || q)
@@ -383,8 +391,8 @@ if HAVE_TRITON:
             t = tl.load(T_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
             m_s, z_s = lse_update(m_s, z_s, s)
             m_t, z_t = lse_update(m_t, z_t, t)
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
+        r_s = tl.log(z_s)
+        r_t = tl.log(z_t)
         scale = grad_scale * tl.load(G + row).to(tl.float32)
         loss = tl.zeros((), tl.float32)
         qa = tl.zeros((), tl.float32)
@@ -393,8 +401,8 @@ if HAVE_TRITON:
             mask = cols < n_cls
             s = tl.load(S_row + cols, mask=mask, other=0.0).to(tl.float32)
             t = tl.load(T_row + cols, mask=mask, other=0.0).to(tl.float32)
-            term, a, q, p = _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb, beta,
-                                      MODE)
+            term, a, q, p = _kl_terms(s, t, m_s, r_s, m_t, r_t, inv_temp, log_beta, log_1mb,
+                                      beta, MODE)
             loss += tl.sum(tl.where(mask, term, 0.0), axis=0)
             qa += tl.sum(tl.where(mask, q * a, 0.0), axis=0)
             if WRITE_GRAD and MODE == 0:
@@ -406,8 +414,8 @@ if HAVE_TRITON:
                 mask = cols < n_cls
                 s = tl.load(S_row + cols, mask=mask, other=0.0).to(tl.float32)
                 t = tl.load(T_row + cols, mask=mask, other=0.0).to(tl.float32)
-                term, a, q, p = _kl_terms(s, t, lse_s, lse_t, inv_temp, log_beta, log_1mb,
-                                          beta, MODE)
+                term, a, q, p = _kl_terms(s, t, m_s, r_s, m_t, r_t, inv_temp, log_beta,
+                                          log_1mb, beta, MODE)
                 tl.store(D_row + cols, (scale * q * (a - qa)).to(D_row.dtype.element_ty),
                          mask=mask)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lossreg.kernels import jit
+from lossreg.kernels import jit, tl
 from lossreg.kernels.pairwise import pairwise_reduction
 from lossreg.validate import check_reduction
 
@@ -67,37 +67,50 @@ def _acc(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _shifted(un_blk, vn, inv_t, acc):
+    """A block of S - 1/tau = (cos - 1) / tau <= 0. Unit vectors bound cos by 1, so the
+    shift keeps the logsumexps and the diagonal near 0 when the positives dominate
+    (small tau): their difference, the loss, is then not a difference of two numbers
+    of size 1/tau rounded in float32."""
+    return ((un_blk @ vn.T).to(acc) - 1.0) * inv_t
+
+
 def _stats_torch(un, vn, inv_t):
-    """Row and column logsumexps of S, one block of rows at a time."""
+    """Row and column logsumexps of S - 1/tau and its diagonal, by blocks of rows."""
     b = un.shape[0]
     step = _block_rows(b)
     acc = _acc(un)
     row_lse = torch.empty(b, dtype=acc, device=un.device)
+    diag = torch.empty(b, dtype=acc, device=un.device)
     col_max = torch.full((b,), float("-inf"), dtype=acc, device=un.device)
     col_sum = torch.zeros(b, dtype=acc, device=un.device)
     for start in range(0, b, step):
-        s = (un[start:start + step] @ vn.T).to(acc) * inv_t
+        s = _shifted(un[start:start + step], vn, inv_t, acc)
+        rows = torch.arange(s.shape[0], device=un.device)
+        diag[start:start + step] = s[rows, rows + start]
         row_lse[start:start + step] = torch.logsumexp(s, dim=1)
         blk_max = s.max(dim=0).values
         new_max = torch.maximum(col_max, blk_max)
         col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(
             s - new_max[None, :]).sum(0)
         col_max = new_max
-    return row_lse, col_max + torch.log(col_sum)
+    return row_lse, col_max + torch.log(col_sum), diag
 
 
 @jit
-def _scaled_dot(dot, sq_row, sq_col, lab_row, lab_col, row, col, p0, p1):
-    return dot * p0, dot
+def _shifted_dot(dot, sq_row, sq_col, lab_row, lab_col, row, col, p0, p1):
+    v = (dot - 1.0) * p0
+    return v, tl.where(row == col, v, 0.0)
 
 
-_lse_pairs = pairwise_reduction(_scaled_dot, ("logsumexp",), name="info_nce_lse")
+_lse_pairs = pairwise_reduction(_shifted_dot, ("logsumexp", "sum"), name="info_nce_lse")
 
 
 def _stats_triton(un, vn, inv_t):
-    ((row_lse, _),) = _lse_pairs(un, vn, p0=inv_t)
-    ((col_lse, _),) = _lse_pairs(vn, un, p0=inv_t)
-    return row_lse.to(_acc(un)), col_lse.to(_acc(un))
+    (row_lse, _), (diag, _) = _lse_pairs(un, vn, p0=inv_t)
+    ((col_lse, _), _) = _lse_pairs(vn, un, p0=inv_t)
+    acc = _acc(un)
+    return row_lse.to(acc), col_lse.to(acc), diag.to(acc)
 
 
 STATS = {"torch": _stats_torch, "triton": _stats_triton}
@@ -107,8 +120,7 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, un, vn, temperature, symmetric, engine):
         inv_t = 1.0 / temperature
-        row_lse, col_lse = STATS[engine](un, vn, inv_t)
-        diag = (un * vn).sum(1).to(_acc(un)) * inv_t
+        row_lse, col_lse, diag = STATS[engine](un, vn, inv_t)
         ctx.save_for_backward(un, vn, row_lse, col_lse)
         ctx.meta = (inv_t, symmetric)
         return row_lse - diag, col_lse - diag
@@ -126,7 +138,7 @@ class _InfoNCE(torch.autograd.Function):
         step = _block_rows(b)
         for start in range(0, b, step):
             stop = min(b, start + step)
-            s = (un[start:stop] @ vn.T).to(acc) * inv_t
+            s = _shifted(un[start:stop], vn, inv_t, acc)
             ds = torch.exp(s - row_lse[start:stop, None]).mul_(g_row[start:stop, None])
             if symmetric:
                 ds.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(g_col[None, :]))
