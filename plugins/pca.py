@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.projection import project_rows
 from lossreg.validate import check_floating, check_reduction
 
 
@@ -53,16 +54,14 @@ class _Projected(torch.autograd.Function):
     """Loss through Z = X W; gradients in closed form, one n x d buffer (dX itself)."""
 
     @staticmethod
-    def forward(ctx, x, weight, reduction, center):
+    def forward(ctx, x, weight, reduction, center, engine):
         mu = x.mean(dim=0) if center else None
-        z = x @ weight
+        z, sq, xmu = PROJECT[engine](x, weight, mu)
         if center:
             z = z - mu @ weight
+            sq = sq - 2 * xmu + mu @ mu
         gram = weight.T @ weight
         zg = z @ gram
-        sq = torch.linalg.vector_norm(x, dim=1) ** 2
-        if center:
-            sq = sq - 2 * (x @ mu) + mu @ mu
         per_row = sq - 2 * (z * z).sum(1) + (z * zg).sum(1)
         ctx.save_for_backward(x, weight, z, zg, mu)
         ctx.reduction, ctx.center = reduction, center
@@ -93,12 +92,33 @@ class _Projected(torch.autograd.Function):
             if ctx.center:
                 dw -= torch.outer(mu, left.sum(0))
             dw.addmm_(weight, z.T @ (z * g[:, None]), alpha=2)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
+
+
+def _project_torch(x, weight, mu):
+    """z = W^T x, ||x||^2 and x . mu by a matmul and two reductions."""
+    xmu = x @ mu if mu is not None else None
+    return x @ weight, torch.linalg.vector_norm(x, dim=1) ** 2, xmu
+
+
+def _project_triton(x, weight, mu):
+    """The same from one pass over x (lossreg.kernels.projection), in float32."""
+    z, sq, xmu = project_rows(x, weight, mu)
+    cast = (lambda t: t.to(x.dtype)) if x.dtype != torch.float32 else (lambda t: t)
+    return cast(z), cast(sq), None if xmu is None else cast(xmu)
+
+
+PROJECT = {"torch": _project_torch, "triton": _project_triton}
 
 
 def projected(x, weight, reduction="mean", center=False):
     _validate(x, weight, reduction, center)
-    return _Projected.apply(x, weight, reduction, center)
+    return _Projected.apply(x, weight, reduction, center, "torch")
+
+
+def projected_triton(x, weight, reduction="mean", center=False):
+    _validate(x, weight, reduction, center)
+    return _Projected.apply(x, weight, reduction, center, "triton")
 
 
 def make_inputs(case):
@@ -155,3 +175,6 @@ def register_losses(register):
 def register_implementations(register):
     register("pca_reconstruction", Impl(
         "projected", projected, description="through z = W^T x; no n x d reconstruction"))
+    register("pca_reconstruction", Impl(
+        "triton", projected_triton, backend="triton", devices=("cuda",), requires=("triton",),
+        description="row projection template: z, ||x||^2 (and x . mu) from one read of x"))
