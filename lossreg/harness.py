@@ -34,6 +34,8 @@ CHECK_BYTES_MAX = 4 << 30
 CHECK_FLOPS_MAX = {"cpu": 1e11, "cuda": 1e14}
 ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
+INTERPRETER_BENCH_SKIP = ("Triton on CPU runs under the interpreter: checked by `lossreg check` "
+                          "at the quick sizes, never timed")
 
 
 class HarnessError(ValueError):
@@ -564,6 +566,12 @@ def execute(
                 row["rtol"] = row["atol"] = None
                 row["n"] = min(8, min(spec.sizes["quick"]))
                 rows.append(row)
+            if throughput and impl.backend == "triton" and \
+                    measure.device_type(device) == "cpu":
+                # the interpreter at benchmark sizes takes minutes per case and times
+                # nothing; `lossreg check` covers these kernels at the quick sizes
+                emit(_skipped_rows(state, task, INTERPRETER_BENCH_SKIP, checks))
+                continue
             if (spec.name, impl.name, task.dtype) not in edge_done:
                 edge_done.add((spec.name, impl.name, task.dtype))
                 rows += run_edge_cases(state, spec, impl, task.dtype)
