@@ -14,35 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import lossreg
-from lossreg.kernels import interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-def implementations(*names):
-    """pytest params (loss, impl) for every runnable implementation of each loss."""
-    out = []
-    for name in names:
-        for impl in lossreg.get(name).implementations.values():
-            if impl.backend == "compile" or impl.missing_requirements():
-                continue
-            if impl.backend == "triton" and DEVICE == "cpu" and not interpreting():
-                continue
-            out.append(pytest.param(name, impl, id=f"{name}-{impl.name}"))
-    return out
+from family_helpers import DEVICE, TOL, implementations, rand, randn  # noqa: F401
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def randn(g, *shape, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def rand(g, *shape, dtype=torch.float32):
-    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
 
 
 def pm1(g, *shape, dtype=torch.float32):

@@ -8,65 +8,25 @@ loops, and analytic gradients.
 """
 
 import math
-import zlib
 
 import pytest
 import torch
 
 import lossreg
-from lossreg.kernels import interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+from family_helpers import (  # noqa: F401
+    DEVICE,
+    TOL,
+    assert_close,
+    gen,
+    implementations,
+    leaf,
+    neg_log_sigmoid,
+    rand,
+    randn,
+    reduce,
+)
 
-
-def implementations(*names):
-    """pytest params (loss, impl) for every runnable implementation of each loss."""
-    out = []
-    for name in names:
-        for impl in lossreg.get(name).implementations.values():
-            if impl.backend == "compile" or impl.missing_requirements():
-                continue
-            if impl.backend == "triton" and DEVICE == "cpu" and not interpreting():
-                continue
-            out.append(pytest.param(name, impl, id=f"{name}-{impl.name}"))
-    return out
-
-
-def gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(g, *shape, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def rand(g, *shape, dtype=torch.float32):
-    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def reduce(loss, reduction):
-    return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
-
-
-def assert_close(out, expected, dtype, what=""):
-    out, expected = out.detach().double().cpu(), expected.detach().double().cpu()
-    assert out.shape == expected.shape, f"{what}: shape {out.shape} vs {expected.shape}"
-    assert torch.isfinite(out).all(), f"{what}: not finite"
-    diff = (out - expected).abs()
-    norm = float(expected.norm())
-    rel = float(diff.norm()) / norm if norm > 0 else float(diff.max())
-    tol = TOL[dtype]
-    assert rel <= tol or float(diff.max()) <= tol, f"{what}: rel {rel:.3g}, max {diff.max():.3g}"
-
-
-def neg_log_sigmoid(u):
-    """-log sigma(u) = log(1 + e^{-u}), in float64, on either side of 0 without overflow."""
-    return torch.where(u >= 0, torch.log1p(torch.exp(-u)), -u + torch.log1p(torch.exp(u)))
 
 
 def sigmoid(u):
