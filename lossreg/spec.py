@@ -185,6 +185,10 @@ class LossSpec:
     edge_cases: dict[str, Callable[[Case], dict[str, Any]]] = field(default_factory=dict)
     #: option sets (besides `options`) the checks also run, e.g. each reduction.
     check_options: list[dict[str, Any]] = field(default_factory=list)
+    #: (inputs, options) -> the divisor of ``reduction="mean"``: ``mean`` equals the
+    #: ``sum`` divided by it. None: the number of elements of the ``none`` output.
+    #: Losses that exclude ignored tokens or weight samples say so here.
+    mean_count: Callable[[Mapping[str, Any], Mapping[str, Any]], float] | None = None
     #: Filled in by the registry.
     plugin: str = ""
     implementations: dict[str, Impl] = field(default_factory=dict)
@@ -221,6 +225,13 @@ class LossSpec:
         """What `make_inputs` sees as `case.params`: the preset's input parameters
         and the options of the call."""
         return {**self.input_params.get(preset, {}), **options}
+
+    def mean_divisor(self, inputs: Mapping[str, Any], options: Mapping[str, Any],
+                     per_sample: torch.Tensor) -> float:
+        """What ``mean`` divides ``sum`` by (see `mean_count`)."""
+        if self.mean_count is not None:
+            return float(self.mean_count(inputs, options))
+        return float(per_sample.numel())
 
     def tolerance(self, dtype: str) -> tuple[float, float]:
         return tuple(self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype]))
