@@ -147,7 +147,25 @@ def _common(f):
                      help="float32, bfloat16, float16, float64 (repeatable)")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA when visible, else CPU), cpu or cuda")(f)
+    f = click.option("--case-timeout", type=float, default=None, metavar="SECONDS",
+                     help="time limit per loss x impl x dtype x size case; past it the "
+                          "case is an error row and the run goes on")(f)
     return f
+
+
+def _timeout(seconds):
+    if seconds is not None and not seconds > 0:
+        raise Bad(f"--case-timeout must be a positive number of seconds, got {seconds:g}")
+    return seconds
+
+
+def _interrupted(exc) -> None:
+    """Ctrl-C: one line saying what was running and where the finished rows are."""
+    where = getattr(exc, "location", None)
+    what = f" during {exc.case} (case {exc.done + 1} of {exc.total})" if where else ""
+    kept = f"; {exc.rows} rows of the finished cases are in {where}" if where else ""
+    click.echo(f"\nlossreg: interrupted{what}{kept}", err=True)
+    sys.exit(130)
 
 
 def _status_counts(df) -> str:
@@ -161,14 +179,18 @@ def _status_counts(df) -> str:
 @click.option("--sizes", default="quick", show_default=True, help="quick, default or large")
 @click.option("--out", type=click.Path(file_okay=False), help="also write the rows here")
 @_friendly
-def check(names, device, dtypes, impls, sizes, out):
+def check(names, device, dtypes, impls, sizes, out, case_timeout):
     """Correctness and gradients against the float64 reference; exit 1 on any failure."""
     from .harness import execute
 
     names = _names(names)
     progress = _progress_printer()
-    df, _ = execute(names, device=_device(device), dtypes=dtypes or None, impls=impls or None,
-                    sizes=sizes, out=out, progress=progress)
+    try:
+        df, _ = execute(names, device=_device(device), dtypes=dtypes or None,
+                        impls=impls or None, sizes=sizes, out=out, progress=progress,
+                        case_timeout=_timeout(case_timeout))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if progress:
         click.echo("", err=True)
     bad = df[df["status"].isin(["fail", "error"])]
@@ -199,7 +221,7 @@ def _progress_printer():
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @_friendly
-def bench(names, device, dtypes, impls, sizes, out, no_plots):
+def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout):
     """Checks plus forward/backward/full timings and memory, written as Parquet."""
     from .harness import execute
     from .plots import plot_run
@@ -210,14 +232,13 @@ def bench(names, device, dtypes, impls, sizes, out, no_plots):
     except OSError as exc:
         raise Bad(f"cannot write results to {out!r}: {exc.strerror}") from None
     progress = _progress_printer()
+    timeout = _timeout(case_timeout)
     try:
         df, writer = execute(names, device=_device(device), dtypes=dtypes or None,
                              impls=impls or None, sizes=sizes, out=out, throughput=True,
-                             progress=progress)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: the rows of every finished case are kept under "
-                   f"{out}", err=True)
-        sys.exit(130)
+                             progress=progress, case_timeout=timeout)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if progress:
         click.echo("", err=True)
     plots = [] if no_plots else plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")

@@ -7,12 +7,17 @@ and the run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import json
 import math
 import platform
+import signal
 import socket
 import subprocess
+import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +45,71 @@ INTERPRETER_BENCH_SKIP = ("Triton on CPU runs under the interpreter: checked by 
 
 class HarnessError(ValueError):
     """Bad arguments to check/bench (unknown loss, impl, dtype...)."""
+
+
+class CaseTimeout(Exception):
+    """A case ran past ``case_timeout`` (the CLI's ``--case-timeout``)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says which case was running and where the rows are."""
+
+    def __init__(self, case: str, done: int, total: int, rows: int, location):
+        self.case, self.done, self.total, self.rows, self.location = (
+            case, done, total, rows, location)
+        super().__init__(f"interrupted during {case} (case {done + 1} of {total}); "
+                         f"{rows} rows of the finished cases are in {location}")
+
+
+@contextlib.contextmanager
+def deadline(at: float | None, seconds: float | None):
+    """Raise `CaseTimeout` in this block once ``time.monotonic()`` passes ``at``.
+
+    SIGALRM interrupts Python code and sleeps; a single native call (one huge
+    matmul, a hung CUDA kernel) is interrupted only when it returns to Python.
+    Off the main thread, or without SIGALRM, there is no limit."""
+    global _ARMED
+    if at is None or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+    left = at - time.monotonic()
+    if left <= 0:
+        raise CaseTimeout(f"timed out: the case used its {seconds:g} s limit (--case-timeout) "
+                          "before this step started")
+    if _ARMED:  # an enclosing block of the same case holds the alarm
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CaseTimeout(f"timed out after {seconds:g} s (--case-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, left)
+    _ARMED = True
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        _ARMED = False
+
+
+_ARMED = False
+
+
+def recover_memory(exc: BaseException) -> None:
+    """After an out-of-memory error, free what the failed case held so the next
+    case starts from a clean allocator (CUDA: cached blocks and peak statistics)."""
+    oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    if not oom:
+        return
+    exc.__traceback__ = None  # frames of the failed case hold its tensors
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 # ---------------------------------------------------------------- run context
@@ -338,6 +408,15 @@ class RunState:
     peak_gbps: float | None = None
     ref_times: dict = field(default_factory=dict)  # (loss, dtype, n, mode) -> ms
     rows: list[dict] = field(default_factory=list)
+    case_timeout: float | None = None
+    case_deadline: float | None = None  # monotonic time the current case must end by
+
+    def start_case(self) -> None:
+        self.case_deadline = (time.monotonic() + self.case_timeout
+                              if self.case_timeout else None)
+
+    def limit(self):
+        return deadline(self.case_deadline, self.case_timeout)
 
 
 def _base_row(state: RunState, task: Task, params: dict) -> dict:
@@ -360,12 +439,11 @@ def _error_message(exc: BaseException) -> str:
 
 def _guard(state: RunState, row: dict, fn: Callable[[], dict]) -> dict:
     try:
-        row.update(fn())
+        with state.limit():
+            row.update(fn())
     except Exception as exc:  # noqa: BLE001 - one failing case is one error row
         row.update(status="error", message=_error_message(exc))
-        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        recover_memory(exc)
     return row
 
 
@@ -480,12 +558,12 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
     try:
         case = Case(task.n, DTYPES[task.dtype], state.device, seed=100,
                     params=spec.case_params(task.preset, options))
-        measured = measure_throughput(spec, impl, case, options)
+        with state.limit():
+            measured = measure_throughput(spec, impl, case, options)
     except Exception as exc:  # noqa: BLE001
         row = _base_row(state, task, options)
         row.update(check="throughput", mode="full", status="error", message=_error_message(exc))
-        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        recover_memory(exc)
         return [row]
     for mode, m in measured.items():
         row = _base_row(state, task, options)
@@ -525,8 +603,13 @@ def execute(
     dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
     sizes: str = "quick", throughput: bool = False, out: str | Path | None = None,
     registry: Registry | None = None, progress: ProgressFn | None = None,
+    case_timeout: float | None = None,
 ):
-    """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None)."""
+    """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None).
+
+    ``case_timeout`` (seconds) bounds each loss x impl x dtype x size case: past it
+    the step running becomes an ``error`` row, the case's remaining steps too, and
+    the run goes on. Ctrl-C raises `Interrupted` once the finished cases are saved."""
     import pandas as pd
 
     from .results import to_table
@@ -536,7 +619,10 @@ def execute(
     plan = make_plan(registry, names, device, dtypes, impls, sizes)
     context = run_context(device)
     writer = ResultWriter(out, context["run_id"]) if out is not None else None
-    state = RunState(context, device, writer)
+    if case_timeout is not None and not case_timeout > 0:
+        raise HarnessError(f"case_timeout must be a positive number of seconds, "
+                           f"got {case_timeout!r}")
+    state = RunState(context, device, writer, case_timeout=case_timeout)
     if throughput:
         state.peak_gbps = measure.copy_bandwidth_gbps(device)
     checks = ("correctness", "gradient") + (("throughput",) if throughput else ())
@@ -548,40 +634,54 @@ def execute(
 
     gradchecked: set[str] = set()
     edge_done: set[tuple] = set()
+    current, i = "planning", 0
     try:
         for task, reason in plan.skipped:
             emit(_skipped_rows(state, task, reason, checks))
         for i, task in enumerate(plan.tasks):
             spec, impl = task.spec, task.impl
+            current = f"{spec.name} {impl.name} {task.dtype} {spec.x_name}={task.n}"
             if progress:
-                progress(i, len(plan.tasks),
-                         f"{spec.name} {impl.name} {task.dtype} {spec.x_name}={task.n}")
+                progress(i, len(plan.tasks), current)
+            state.start_case()
             rows: list[dict] = []
-            if impl.kind == "reference" and spec.name not in gradchecked:
-                gradchecked.add(spec.name)
-                row = _base_row(state, Task(spec, impl, "float64", 0), dict(spec.options))
-                row.update(check="gradient", mode="backward")
-                row = _guard(state, row, lambda: _verdict_row(
-                    gradcheck_reference(spec, device), (None, None)))
-                row["rtol"] = row["atol"] = None
-                row["n"] = min(8, min(spec.sizes["quick"]))
+            try:
+                with state.limit():
+                    if impl.kind == "reference" and spec.name not in gradchecked:
+                        gradchecked.add(spec.name)
+                        row = _base_row(state, Task(spec, impl, "float64", 0), dict(spec.options))
+                        row.update(check="gradient", mode="backward")
+                        row = _guard(state, row, lambda: _verdict_row(
+                            gradcheck_reference(spec, device), (None, None)))
+                        row["rtol"] = row["atol"] = None
+                        row["n"] = min(8, min(spec.sizes["quick"]))
+                        rows.append(row)
+                    if throughput and impl.backend == "triton" and \
+                            measure.device_type(device) == "cpu":
+                        # the interpreter at benchmark sizes takes minutes per case and times
+                        # nothing; `lossreg check` covers these kernels at the quick sizes
+                        emit(_skipped_rows(state, task, INTERPRETER_BENCH_SKIP, checks))
+                        continue
+                    if (spec.name, impl.name, task.dtype) not in edge_done:
+                        edge_done.add((spec.name, impl.name, task.dtype))
+                        rows += run_edge_cases(state, spec, impl, task.dtype)
+                    rows += run_checks(state, task, all_options=not throughput or task.n == min(
+                        spec.sizes[sizes]))
+                    if throughput:
+                        rows += run_throughput(state, task)
+            except Exception as exc:  # noqa: BLE001 - outside any check: make_inputs, sizing
+                row = _base_row(state, task, dict(spec.options))
+                row.update(check="correctness", mode="forward", status="error",
+                           message=_error_message(exc))
                 rows.append(row)
-            if throughput and impl.backend == "triton" and \
-                    measure.device_type(device) == "cpu":
-                # the interpreter at benchmark sizes takes minutes per case and times
-                # nothing; `lossreg check` covers these kernels at the quick sizes
-                emit(_skipped_rows(state, task, INTERPRETER_BENCH_SKIP, checks))
-                continue
-            if (spec.name, impl.name, task.dtype) not in edge_done:
-                edge_done.add((spec.name, impl.name, task.dtype))
-                rows += run_edge_cases(state, spec, impl, task.dtype)
-            rows += run_checks(state, task, all_options=not throughput or task.n == min(
-                spec.sizes[sizes]))
-            if throughput:
-                rows += run_throughput(state, task)
+                recover_memory(exc)
             emit(rows)
         if progress and plan.tasks:
             progress(len(plan.tasks), len(plan.tasks), "done")
+    except KeyboardInterrupt as exc:
+        location = writer.finish() if writer is not None else None
+        raise Interrupted(current, i, len(plan.tasks), len(state.rows),
+                          location or "memory (no --out given)") from exc
     finally:
         if writer is not None:
             writer.finish()

@@ -104,9 +104,12 @@ class ResultWriter:
         self.rows += len(rows)
 
     def finish(self) -> Path | None:
-        """Consolidate the parts into one file; the parts go only once it is in place."""
+        """Consolidate the parts into one file; the parts go only once it is in place.
+        Calling it again after that is a no-op."""
         if not self.parts:
             return None
+        if self.final.exists() and not self.part_dir.exists():
+            return self.final
         table = pa.concat_tables(
             pq.read_table(p, schema=SCHEMA) for p in sorted(self.part_dir.glob("part-*.parquet"))
         )

@@ -189,14 +189,18 @@ class LossSpec:
     #: ``sum`` divided by it. None: the number of elements of the ``none`` output.
     #: Losses that exclude ignored tokens or weight samples say so here.
     mean_count: Callable[[Mapping[str, Any], Mapping[str, Any]], float] | None = None
+    #: input name -> the values it may hold, for the generated bad-input tests (the forms are
+    #: in `lossreg.validate.DOMAIN_KINDS`), e.g. {"target": ("index", lambda inputs: 10)}.
+    input_domains: dict[str, tuple] = field(default_factory=dict)
     #: Filled in by the registry.
     plugin: str = ""
     implementations: dict[str, Impl] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.name, "loss")
-        if not isinstance(self.family, str) or not self.family:
-            raise SpecError(f"loss {self.name!r}: family must be a non-empty string")
+        # lower snake case like the name: neither ever reaches a file path today, and
+        # the rule keeps it that way for any future per-loss or per-family output
+        check_name(self.family, f"loss {self.name!r}: family")
         if not isinstance(self.formula, str) or not self.formula.strip():
             raise SpecError(f"loss {self.name!r}: formula (LaTeX) is missing")
         if not callable(self.reference):
