@@ -103,7 +103,7 @@ def show(name):
     if s.description:
         click.echo(f"about:     {s.description}")
     click.echo(f"options:   {json.dumps(s.options)}")
-    click.echo(f"sizes:     " + "; ".join(f"{k}={v}" for k, v in s.sizes.items())
+    click.echo("sizes:     " + "; ".join(f"{k}={v}" for k, v in s.sizes.items())
                + f" ({s.x_name})")
     if s.citation:
         click.echo(f"citation:  {s.citation}")
@@ -325,6 +325,26 @@ def compare(base, new, threshold, fmt):
     table = do_compare(_load(base), _load(new), thr)
     click.echo(format_table(table, fmt))
     sys.exit(1 if (table["verdict"] == "regression").any() else 0)
+
+
+@main.command()
+@click.argument("results", default="results")
+@click.option("--out", default="report.md", show_default=True,
+              type=click.Path(dir_okay=False), help="the Markdown file to write")
+@_friendly
+def report(results, out):
+    """Markdown report: fastest implementation per loss, speedups, memory, bandwidth,
+    failed checks, plots."""
+    from .report import write_report
+
+    df = _load(results)
+    if Path(out).suffix.lower() not in (".md", ".markdown"):
+        raise Bad(f"--out {out!r}: expected a Markdown file name ending in .md")
+    try:
+        path = write_report(df, out, results)
+    except OSError as exc:
+        raise Bad(f"cannot write the report to {out!r}: {exc.strerror}") from None
+    click.echo(f"report: {path}")
 
 
 if __name__ == "__main__":

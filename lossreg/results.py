@@ -84,6 +84,13 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    """Text files (reports) get the same temporary-name-then-rename treatment."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class ResultWriter:
     """Appends rows for one run; each `write` is one atomic Parquet file."""
 
