@@ -53,6 +53,7 @@ def _first_bad(t: torch.Tensor, ok: torch.Tensor) -> str:
 
 def check_labels_in(loss: str, name: str, t: torch.Tensor, allowed: tuple) -> None:
     """Every value of ``t`` is one of ``allowed``, e.g. (-1, 1) for margin labels."""
+    check_real(loss, name, t)
     ok = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
     for value in allowed:
         ok |= t == value
@@ -60,6 +61,12 @@ def check_labels_in(loss: str, name: str, t: torch.Tensor, allowed: tuple) -> No
         listed = ", ".join(f"{v:+g}" if isinstance(v, (int, float)) else str(v) for v in allowed)
         raise ValueError(f"{loss}: {name} must hold only labels in {{{listed}}}, "
                          f"got {_first_bad(t, ok)}")
+
+
+def check_real(loss: str, name: str, t: torch.Tensor) -> None:
+    """A real (not complex) tensor: complex labels compare equal to real ones."""
+    if t.is_complex():
+        raise TypeError(f"{loss}: {name} must be a real tensor, got {t.dtype}")
 
 
 def check_in_range(loss: str, name: str, t: torch.Tensor, low: float, high: float) -> None:
@@ -117,3 +124,13 @@ def check_choice(loss: str, name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed or isinstance(value, bool):
         raise ValueError(f"{loss}: {name} must be one of {allowed}, got {value!r}")
+
+
+#: The forms of `LossSpec.input_domains` entries (what an input may hold):
+#:   ("index", high[, extra])  integer class indices in [0, high), or one of ``extra`` or
+#:                             the option ``ignore_index``; ``high`` is an int, a callable
+#:                             of the inputs, or None (no upper bound)
+#:   ("integers",)             integer labels of any value (only equality matters)
+#:   ("values", (v, ...))      only these values, in any real dtype (a bool mask: (0, 1))
+#:   ("range", low, high)      real values in [low, high] (NaN is not)
+DOMAIN_KINDS = ("index", "integers", "values", "range")

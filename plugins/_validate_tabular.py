@@ -16,7 +16,12 @@ import math
 
 import torch
 
-from lossreg.validate import check_floating, check_reduction, check_tensor  # noqa: F401
+from lossreg.validate import (  # noqa: F401
+    check_floating,
+    check_real,
+    check_reduction,
+    check_tensor,
+)
 
 
 def _first_bad(t: torch.Tensor, ok: torch.Tensor) -> str:
@@ -76,6 +81,7 @@ def check_values_in(loss: str, name: str, t: torch.Tensor, low: float, high: flo
 def check_pm1(loss: str, name: str, t: torch.Tensor) -> None:
     """Labels in {-1, +1}, integer or float."""
     check_tensor(loss, **{name: t})
+    check_real(loss, name, t)
     ok = (t == 1) | (t == -1)
     if t.numel() and not bool(ok.all()):
         raise ValueError(f"{loss}: {name} must hold only labels in {{-1, +1}}, "

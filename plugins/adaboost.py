@@ -155,6 +155,7 @@ SAMME_EDGE_CASES = {
 def register_losses(register):
     register(LossSpec(
         name="exponential", family="adaboost", title="Exponential loss",
+        input_domains={"target": ("values", (-1, 1))},
         formula=r"\frac{1}{n}\sum_{i=1}^{n} e^{-y_i f_i},\quad y_i\in\{-1,+1\}",
         description="AdaBoost's loss on scores f and labels -1/+1 (float or integer). "
                     "Overflows to inf for very wrong scores exactly as the eager reference "
@@ -167,6 +168,7 @@ def register_losses(register):
         flops=pointwise_flops(2, 2), edge_cases=EXPONENTIAL_EDGE_CASES))
     register(LossSpec(
         name="samme", family="adaboost", title="SAMME multi-class exponential loss",
+        input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=(r"\frac{1}{n}\sum_{i=1}^{n}\exp\left(-\frac{1}{K}\mathbf c_i^\top f_i\right),"
                  r"\quad c_{ik} = \begin{cases}1 & k = y_i\\ -\frac{1}{K-1} & k\ne y_i"
                  r"\end{cases}"),

@@ -262,6 +262,7 @@ def register_losses(register):
     ))
     register(LossSpec(
         name="masked_reconstruction",
+        input_domains={"mask": ("values", (0, 1))},
         family="autoencoder",
         title="Masked-autoencoder reconstruction (MAE)",
         formula=(r"\frac{\sum_{i,l} m_{il}\,\frac{1}{D}\sum_{d=1}^{D}(\hat x_{ild}-x_{ild})^2}"

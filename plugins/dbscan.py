@@ -208,6 +208,7 @@ def _flops(inputs):
 def register_losses(register):
     register(LossSpec(
         name="eps_separation", family="dbscan", title="Epsilon-ball separation",
+        input_domains={"labels": ("index", None, (-1,))},
         formula=r"\frac{1}{|P|}\sum_{(i,j)\in P}\max(0,d_{ij}-\varepsilon)^2+\frac{1}{|N|}"
                 r"\sum_{(i,j)\in N}\max(0,\varepsilon+m-d_{ij})^2,\quad "
                 r"P=\{(i,j): i\neq j,\ y_i=y_j\geq 0\},\ "

@@ -269,6 +269,7 @@ CITATION_GINI = ("Breiman, Friedman, Olshen & Stone, Classification and Regressi
 def register_losses(register):
     register(LossSpec(
         name="gini_impurity", family="decision_tree", title="Gini impurity",
+        input_domains={"input": ("range", 0.0, 1.0)},
         formula=r"\frac{1}{n}\sum_{i=1}^{n}\Bigl(1-\sum_{k=1}^{C} p_{ik}^2\Bigr)",
         description="Gini impurity of rows of class probabilities (N, C), e.g. a node's "
                     "soft class distribution per sample. Entries must lie in [0, 1].",
@@ -277,6 +278,7 @@ def register_losses(register):
         x_name="rows", flops=_rows_flops(2, 1), edge_cases=ROW_EDGE_CASES))
     register(LossSpec(
         name="entropy_impurity", family="decision_tree", title="Entropy impurity",
+        input_domains={"input": ("range", 0.0, 1.0)},
         formula=r"\frac{1}{n}\sum_{i=1}^{n}-\sum_{k=1}^{C} p_{ik}\log p_{ik},"
                 r"\quad 0\log 0 = 0",
         description="Shannon entropy (nats) of rows of class probabilities (N, C). "
@@ -290,6 +292,7 @@ def register_losses(register):
         flops=_rows_flops(3, 2), edge_cases=ENTROPY_EDGE_CASES))
     register(LossSpec(
         name="soft_split_gini", family="decision_tree", title="Soft-split Gini criterion",
+        input_domains={"s": ("range", 0.0, 1.0), "target": ("index", None)},
         formula=r"w_L\,G(p_L)+w_R\,G(p_R),\quad G(p)=1-\sum_k p_k^2,\quad "
                 r"p_L\propto\sum_i s_i e_{y_i},\ p_R\propto\sum_i (1-s_i) e_{y_i},\quad "
                 r"w_L=\frac{1}{n}\sum_i s_i,\ w_R=1-w_L",

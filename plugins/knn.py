@@ -511,6 +511,7 @@ def _batch_flops(inputs):
 def register_losses(register):
     register(LossSpec(
         name="cosine_embedding", family="knn", title="Cosine embedding loss",
+        input_domains={"target": ("values", (-1, 1))},
         formula=r"\frac1n\sum_i \begin{cases}1-\cos(x_{1i},x_{2i}) & y_i=1\\ "
                 r"\max(0,\cos(x_{1i},x_{2i})-m) & y_i=-1\end{cases},\quad "
                 r"\cos(a,b)=\frac{a\cdot b}{\sqrt{(\lVert a\rVert^2+\epsilon)"
@@ -550,6 +551,7 @@ def register_losses(register):
         flops=_rows_flops(9, 12, "anchor"), edge_cases=TRIPLET_EDGE_CASES))
     register(LossSpec(
         name="batch_hard_triplet", family="knn", title="Batch-hard triplet loss",
+        input_domains={"target": ("integers",)},
         formula=r"\frac1B\sum_{a=1}^{B}\Bigl[m+\max_{p\neq a,\,y_p=y_a}D_{ap}-"
                 r"\min_{n:\,y_n\neq y_a}D_{an}\Bigr]_+,\quad "
                 r"D_{ij}=\sqrt{\lVert x_i-x_j\rVert^2+\epsilon}",

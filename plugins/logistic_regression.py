@@ -230,6 +230,7 @@ def register_losses(register):
     register(
         LossSpec(
             name="bce",
+            input_domains={"input": ("range", 0.0, 1.0), "target": ("range", 0.0, 1.0)},
             family="logistic_regression",
             title="Binary cross-entropy",
             formula=(r"\frac{1}{n}\sum_{i=1}^{n} -w_i\left[y_i\max(\log\hat y_i,-100)"
@@ -256,6 +257,7 @@ def register_losses(register):
     register(
         LossSpec(
             name="bce_with_logits",
+            input_domains={"target": ("range", 0.0, 1.0)},
             family="logistic_regression",
             title="Binary cross-entropy with logits",
             formula=(r"\frac{1}{n}\sum_{i=1}^{n} w_i\left[\max(z_i,0) - z_i y_i"

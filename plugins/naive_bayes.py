@@ -249,6 +249,7 @@ GAUSSIAN_EDGE_CASES = {
 def register_losses(register):
     register(LossSpec(
         name="nll", family="naive_bayes", title="Negative log-likelihood",
+        input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=r"-\frac{\sum_i w_{y_i}\,[y_i\neq \mathrm{ii}]\,\log\hat p_{i,y_i}}"
                 r"{\sum_i w_{y_i}\,[y_i\neq \mathrm{ii}]}",
         description="NLL of log-probabilities input (N, C) (e.g. a naive Bayes model's "
@@ -268,6 +269,7 @@ def register_losses(register):
         edge_cases=NLL_EDGE_CASES))
     register(LossSpec(
         name="gaussian_nll", family="naive_bayes", title="Gaussian negative log-likelihood",
+        input_domains={"var": ("range", 0.0, float("inf"))},
         formula=r"\frac1n\sum_i \frac12\Bigl(\log\max(\sigma_i^2,\epsilon)+"
                 r"\frac{(y_i-\mu_i)^2}{\max(\sigma_i^2,\epsilon)}\Bigr)"
                 r"\ \Bigl[+\tfrac12\log 2\pi\ \text{if full}\Bigr]",

@@ -36,14 +36,15 @@ def validate_ce_options(loss: str, label_smoothing=0.0, z_loss=0.0, reduction="m
 
 
 def validate_targets(loss: str, target, n_rows: int, n_cls: int, device, ignore_index=-100,
-                     name: str = "target"):
-    """Class-index targets for n_rows rows of n_cls classes."""
+                     name: str = "target", ref_name: str = "input"):
+    """Class-index targets for n_rows rows of n_cls classes, on ``ref_name``'s device."""
     if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32) \
             or target.shape != (n_rows,):
         raise ValueError(f"{loss}: {name} must be an integer tensor of shape "
                          f"({n_rows},) holding class indices, got {_describe(target)}")
     if target.device != device:
-        raise ValueError(f"{loss}: {name} is on {target.device}, the inputs on {device}")
+        raise ValueError(f"{loss}: {name} must be on {ref_name}'s device {device}, got "
+                         f"{target.device}")
     # Value checks need the data on the host: done for CPU tensors only, since on a GPU
     # they would sync every call (the Triton kernel turns such rows into NaN instead).
     if target.device.type == "cpu" and target.numel():
@@ -209,6 +210,7 @@ def _flops(inputs):
 def register_losses(register):
     register(LossSpec(
         name="cross_entropy", family="neural_networks", title="Softmax cross-entropy",
+        input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=(r"\ell_i = (1-\varepsilon)\,w_{y_i}\,(\mathrm{lse}(z_i) - z_{i,y_i})"
                  r" + \frac{\varepsilon}{C}\sum_c w_c(\mathrm{lse}(z_i) - z_{i,c})"
                  r" + \lambda\,\mathrm{lse}(z_i)^2,\quad"
@@ -228,6 +230,7 @@ def register_losses(register):
     ))
     register(LossSpec(
         name="perplexity", family="neural_networks", title="Perplexity",
+        input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=(r"\exp\Big(\frac{1}{|K|}\sum_{i\in K} -\log\mathrm{softmax}(z_i)_{y_i}\Big),"
                  r"\ K = \{i: y_i \ne \mathrm{ignore}\}"),
         description="exp of the mean token cross-entropy over kept tokens; a scalar, so no "

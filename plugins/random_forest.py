@@ -170,6 +170,7 @@ VARIANCE_EDGE_CASES = {
 def register_losses(register):
     register(LossSpec(
         name="forest_gini", family="random_forest", title="Forest soft-split Gini",
+        input_domains={"s": ("range", 0.0, 1.0), "target": ("index", None)},
         formula=r"\frac{1}{T}\sum_{t=1}^{T}\Bigl[w_{L,t}\,G(p_{L,t})+w_{R,t}\,G(p_{R,t})\Bigr],"
                 r"\quad p_{L,t}\propto\sum_i s_{ti} e_{y_i},\ "
                 r"p_{R,t}\propto\sum_i (1-s_{ti}) e_{y_i},\ w_{L,t}=\frac1n\sum_i s_{ti}",
@@ -184,6 +185,7 @@ def register_losses(register):
         edge_cases=FOREST_EDGE_CASES))
     register(LossSpec(
         name="split_variance", family="random_forest", title="Soft-split variance",
+        input_domains={"s": ("range", 0.0, 1.0)},
         formula=r"w_L\,\mathrm{Var}_L(y)+w_R\,\mathrm{Var}_R(y)=\frac1n\sum_i\Bigl[s_i(y_i-"
                 r"\mu_L)^2+(1-s_i)(y_i-\mu_R)^2\Bigr],\quad \mu_L=\frac{\sum_i s_i y_i}"
                 r"{\sum_i s_i},\ \mu_R=\frac{\sum_i (1-s_i) y_i}{\sum_i (1-s_i)}",

@@ -28,6 +28,7 @@ from lossreg.validate import (
     check_choice,
     check_number,
     check_reduction,
+    check_tensor,
 )
 
 from ._common import pointwise_flops, reduce_loss, reductions
@@ -299,8 +300,9 @@ def _validate_ppo(log_probs, old_log_probs, advantages, mask, clip_eps, reductio
         raise ValueError(f"ppo_clip: advantages must have shape {tuple(log_probs.shape)} "
                          f"(one per token) or ({log_probs.shape[0]},) (one per sequence), got "
                          f"{tuple(advantages.shape)}")
-    check_mask("ppo_clip", "mask", mask, log_probs.shape, "1 on the response tokens")
+    check_tensor("ppo_clip", mask=mask)
     check_device("ppo_clip", "log_probs", log_probs, mask=mask)
+    check_mask("ppo_clip", "mask", mask, log_probs.shape, "1 on the response tokens")
     if mask.numel() and not bool((mask != 0).any(dim=1).all()):
         empty = int((~(mask != 0).any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"ppo_clip: mask must have at least one 1 in every row (a "
@@ -419,10 +421,12 @@ def _validate_td(q, actions, rewards, dones, target_q, gamma, delta, reduction):
                          f"transitions, got shape {tuple(q.shape)}")
     check_shape("q_td", "target_q", target_q, q.shape, "the target network's Q(s', .) "
                 "for each transition")
+    # devices before the value checks of actions and dones (which read them)
+    check_tensor("q_td", actions=actions, dones=dones)
+    check_device("q_td", "q", q, actions=actions, dones=dones)
     check_index("q_td", "actions", actions, q.shape[0], q.shape[1])
     check_shape("q_td", "rewards", rewards, q.shape[:1], "one reward per transition")
     check_mask("q_td", "dones", dones, q.shape[:1], "1 where the episode ended")
-    check_device("q_td", "q", q, actions=actions, dones=dones)
     check_number("q_td", "gamma", gamma, low=0.0, high=1.0)
     check_number("q_td", "delta", delta, low=0.0, high=float("inf"), open_interval=True)
     check_reduction("q_td", reduction)
@@ -589,6 +593,7 @@ def register_losses(register):
     ))
     register(LossSpec(
         name="ppo_clip",
+        input_domains={"mask": ("values", (0, 1))},
         family="rl",
         title="PPO clipped surrogate",
         formula=(r"\frac{1}{n}\sum_{i=1}^{n}\frac{\sum_t m_{it}\,\ell_{it}}{\sum_t m_{it}},\ "
@@ -619,6 +624,10 @@ def register_losses(register):
     ))
     register(LossSpec(
         name="q_td",
+        input_domains={
+            "actions": ("index", lambda inputs: inputs["q"].shape[1]),
+            "dones": ("values", (0, 1)),
+        },
         family="rl",
         title="Q-learning TD loss (DQN)",
         formula=(r"\frac{1}{n}\sum_{i=1}^{n} h_\delta\left(Q(s_i,a_i) - \left[r_i + \gamma"

@@ -61,12 +61,14 @@ def squared_hinge_reference(input, target, margin=1.0, reduction="mean"):
 def _hinge_term(x, y, p0, p1):
     t = p0 - y * x  # p0: margin
     active = t >= 0.0
-    return tl.maximum(t, 0.0), tl.where(active, -y, 0.0), tl.where(active, -x, 0.0)
+    # where(t < 0, 0, t), not maximum(t, 0): a NaN propagates, as in torch's clamp
+    return tl.where(t < 0.0, 0.0, t), tl.where(active, -y, 0.0), tl.where(active, -x, 0.0)
 
 
 @jit
 def _squared_hinge_term(x, y, p0, p1):
-    h = tl.maximum(p0 - y * x, 0.0)
+    t = p0 - y * x
+    h = tl.where(t < 0.0, 0.0, t)  # a NaN propagates, as in torch's clamp
     return h * h, -2.0 * h * y, -2.0 * h * x
 
 
@@ -135,7 +137,8 @@ def margin_ranking_torch(input1, input2, target, margin=0.0, reduction="mean"):
 def _margin_ranking_term(a, b, y, p0, p1):
     t = -y * (a - b) + p0
     active = t >= 0.0
-    return tl.maximum(t, 0.0), tl.where(active, -y, 0.0), tl.where(active, y, 0.0)
+    # a NaN propagates, as in torch's clamp
+    return tl.where(t < 0.0, 0.0, t), tl.where(active, -y, 0.0), tl.where(active, y, 0.0)
 
 
 _margin_ranking_kernel = pointwise_loss(_margin_ranking_term, name="margin_ranking",
@@ -209,6 +212,8 @@ def multiclass_hinge_reference(input, target, p=1, margin=1.0, weight=None, redu
 
 def multiclass_hinge_torch(input, target, p=1, margin=1.0, weight=None, reduction="mean"):
     _validate_multiclass(input, target, p, margin, weight, reduction)
+    if input.shape[0] == 0:  # torch's multi_margin_loss returns garbage for no rows
+        return multiclass_hinge_reference(input, target, p, margin, weight, reduction)
     return F.multi_margin_loss(input, target, p=p, margin=margin, weight=weight,
                                reduction=reduction)
 
@@ -270,6 +275,7 @@ def register_losses(register):
                   edge_cases=BINARY_EDGE_CASES)
     register(LossSpec(
         name="hinge", title="Hinge loss",
+        input_domains={"target": ("values", (-1, 1))},
         formula=r"\frac{1}{n}\sum_{i=1}^{n} \max(0,\, m - y_i \hat y_i),\quad y_i\in\{-1,+1\}",
         description="The soft-margin SVM loss on scores f and labels -1/+1 (float or "
                     "integer); option `margin` (m, default 1).",
@@ -279,6 +285,7 @@ def register_losses(register):
         flops=pointwise_flops(3, 1), **binary))
     register(LossSpec(
         name="squared_hinge", title="Squared hinge loss",
+        input_domains={"target": ("values", (-1, 1))},
         formula=r"\frac{1}{n}\sum_{i=1}^{n} \max(0,\, m - y_i \hat y_i)^2,"
                 r"\quad y_i\in\{-1,+1\}",
         description="The L2-SVM loss: differentiable at the margin; option `margin` "
@@ -289,6 +296,7 @@ def register_losses(register):
         flops=pointwise_flops(4, 2), **binary))
     register(LossSpec(
         name="multiclass_hinge", family="svm", title="Multi-class hinge (Weston-Watkins)",
+        input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=(r"\frac{1}{n}\sum_{i=1}^{n} \frac{w_{y_i}}{C}\sum_{j\ne y_i}"
                  r"\max(0,\, m - s_{i,y_i} + s_{ij})^p"),
         description=("Multi-class SVM loss on an (N, C) score matrix and integer labels, "
@@ -312,6 +320,7 @@ def register_losses(register):
         edge_cases=MULTICLASS_EDGE_CASES))
     register(LossSpec(
         name="margin_ranking", family="svm", title="Margin ranking loss",
+        input_domains={"target": ("values", (-1, 1))},
         formula=r"\frac{1}{n}\sum_{i=1}^{n} \max(0,\, -y_i(a_i - b_i) + m),"
                 r"\quad y_i\in\{-1,+1\}",
         description="Pairwise ranking hinge: y = 1 asks a to score above b by the margin "

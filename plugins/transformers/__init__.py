@@ -53,6 +53,7 @@ def _specs():
     lm_sizes, lm_shapes = _lm_sizes()
     yield LossSpec(
         name="causal_lm", family="transformers", title="Causal language-model loss",
+        input_domains={"input_ids": ("index", lambda inputs: inputs["logits"].shape[-1])},
         formula=(r"\frac{1}{|K|}\sum_{(b,t)\in K} -\log\mathrm{softmax}(z_{b,t})_{x_{b,t+1}},"
                  r"\ K = \{(b,t): t < T-1,\ x_{b,t+1} \ne \mathrm{ignore}\}"),
         description="Next-token cross-entropy over (B, T, V) logits; the shift is done "
@@ -74,6 +75,10 @@ def _specs():
     )
     yield LossSpec(
         name="seq2seq", family="transformers", title="Sequence-to-sequence decoder loss",
+        input_domains={
+            "target": ("index", lambda inputs: inputs["logits"].shape[-1], (-100,)),
+            "mask": ("values", (0, 1)),
+        },
         formula=(r"\text{token: } \frac{\sum_{b,t} m_{bt}\,\ell_{bt}}{\sum_{b,t} m_{bt}},"
                  r"\quad \text{sequence: } \frac{1}{B}\sum_b \frac{\sum_t m_{bt}\,\ell_{bt}}"
                  r"{\max(1, \sum_t m_{bt})},\quad \ell_{bt} = \mathrm{CE}_\varepsilon(z_{bt}, y_{bt})"),
@@ -93,6 +98,7 @@ def _specs():
     )
     yield LossSpec(
         name="fused_linear_cross_entropy", family="transformers",
+        input_domains={"target": ("index", lambda inputs: inputs["weight"].shape[0])},
         title="Fused linear cross-entropy",
         formula=(r"\mathrm{CE}\big(\mathrm{cap}(h W^\top + b),\ y\big),\quad"
                  r"\mathrm{cap}(z) = c\tanh(z / c)"),
@@ -117,6 +123,7 @@ def _specs():
     )
     yield LossSpec(
         name="mlm", family="transformers", title="Masked language-model loss",
+        input_domains={"labels": ("index", lambda inputs: inputs["weight"].shape[0], (-100,))},
         formula=(r"\frac{1}{|M|}\sum_{i\in M} -\log\mathrm{softmax}(W h_i)_{y_i},"
                  r"\ M = \{i: y_i \ne -100\}"),
         description="Cross-entropy of the LM head over masked positions only (labels -100 "

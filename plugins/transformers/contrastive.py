@@ -30,10 +30,11 @@ def validate(u, v, temperature, symmetric, reduction):
             raise ValueError(f"info_nce: {name} must be a floating-point (B, D) tensor, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
     if u.shape != v.shape:
-        raise ValueError(f"info_nce: the two views must have the same shape, got "
-                         f"{tuple(u.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"info_nce: the two views u and v must have the same shape, got "
+                         f"u {tuple(u.shape)} and v {tuple(v.shape)}")
     if u.device != v.device:
-        raise ValueError(f"info_nce: u on {u.device}, v on {v.device}")
+        raise ValueError(f"info_nce: u and v must be on one device, got u on {u.device}, "
+                         f"v on {v.device}")
     if not float(temperature) > 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     if not isinstance(symmetric, bool):

@@ -33,7 +33,8 @@ def validate_kl(loss, student, teacher, temperature, direction, beta, reduction)
         raise ValueError(f"{loss}: student {tuple(student.shape)} and teacher "
                          f"{tuple(teacher.shape)} logits must have the same shape")
     if student.device != teacher.device:
-        raise ValueError(f"{loss}: student on {student.device}, teacher on {teacher.device}")
+        raise ValueError(f"{loss}: student and teacher must be on one device, got student "
+                         f"on {student.device}, teacher on {teacher.device}")
     _validate_options(loss, temperature, direction, beta, reduction)
 
 
@@ -123,12 +124,17 @@ def validate_fld(hs, ws, ht, wt, temperature, direction, beta, reduction):
     if hs.shape[1] != ws.shape[1] or ht.shape[1] != wt.shape[1]:
         raise ValueError(f"{loss}: hidden sizes disagree: student {tuple(hs.shape)} x "
                          f"{tuple(ws.shape)}, teacher {tuple(ht.shape)} x {tuple(wt.shape)}")
-    if hs.shape[0] != ht.shape[0] or ws.shape[0] != wt.shape[0]:
-        raise ValueError(f"{loss}: student and teacher must have the same rows N and "
-                         f"vocabulary V, got {hs.shape[0]}/{ht.shape[0]} rows and "
-                         f"{ws.shape[0]}/{wt.shape[0]} classes")
-    if len({x.device for x in (hs, ws, ht, wt)}) > 1:
-        raise ValueError(f"{loss}: all inputs must be on one device")
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"{loss}: student_hidden and teacher_hidden must have the same rows "
+                         f"N, got {hs.shape[0]} and {ht.shape[0]}")
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(f"{loss}: student_weight and teacher_weight must have the same "
+                         f"vocabulary V (rows), got {ws.shape[0]} and {wt.shape[0]}")
+    devices = {"student_hidden": hs.device, "student_weight": ws.device,
+               "teacher_hidden": ht.device, "teacher_weight": wt.device}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"{loss}: all inputs must be on one device, got {listed}")
     _validate_options(loss, temperature, direction, beta, reduction)
 
 
@@ -171,7 +177,9 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, temperature, direction, beta, reduction, engine):
         n, v = hs.shape[0], ws.shape[0]
-        scale = torch.full((n,), 1.0 / n if reduction == "mean" else 1.0, device=hs.device)
+        # max(n, 1): no rows gives torch's empty mean (0 / 0 = nan below), not an error
+        scale = torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
+                           device=hs.device)
         rows, dh, dw = _fld_chunks(hs, ws, ht, wt, temperature, direction, beta, scale, engine,
                                    want_grads=reduction != "none")
         ctx.meta = (temperature, direction, beta, reduction, engine)

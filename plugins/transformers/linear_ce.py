@@ -156,7 +156,7 @@ class FusedLinearCE(torch.autograd.Function):
 
 # ------------------------------------------------------------------ the loss
 def validate_flce(loss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                  softcap, reduction):
+                  softcap, reduction, target_name="target"):
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() != 2:
             raise ValueError(f"{loss}: {name} must be a 2-D floating-point tensor, got "
@@ -172,7 +172,8 @@ def validate_flce(loss, hidden, weight, bias, target, ignore_index, label_smooth
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
     if softcap is not None and float(softcap) <= 0:
         raise ValueError(f"{loss}: softcap must be None or > 0, got {softcap}")
-    validate_targets(loss, target, hidden.shape[0], weight.shape[0], hidden.device, ignore_index)
+    validate_targets(loss, target, hidden.shape[0], weight.shape[0], hidden.device, ignore_index,
+                     name=target_name, ref_name="hidden")
     validate_ce_options(loss, label_smoothing, z_loss, reduction)
 
 
@@ -241,7 +242,8 @@ def flce_flops(inputs):
 
 # ------------------------------------------------------------------ masked LM
 def validate_mlm(hidden, weight, labels, reduction):
-    validate_flce("mlm", hidden, weight, None, labels, -100, 0.0, 0.0, None, reduction)
+    validate_flce("mlm", hidden, weight, None, labels, -100, 0.0, 0.0, None, reduction,
+                  target_name="labels")
 
 
 def mlm_reference(hidden, weight, labels, reduction="mean"):

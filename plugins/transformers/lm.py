@@ -37,7 +37,7 @@ def validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction)
         raise ValueError(f"causal_lm: input_ids must have shape ({b}, {t}), got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     validate_targets("causal_lm", input_ids.reshape(-1), b * t, v, logits.device, ignore_index,
-                     name="input_ids")
+                     name="input_ids", ref_name="logits")
     validate_ce_options("causal_lm", label_smoothing, 0.0, reduction)
 
 
@@ -96,14 +96,23 @@ def validate_seq2seq(logits, target, mask, label_smoothing, normalize, reduction
     _check_logits("seq2seq", logits)
     b, t, v = logits.shape
     validate_targets("seq2seq", target.reshape(-1) if torch.is_tensor(target) else target,
-                     b * t, v, logits.device, ignore_index=-100)
+                     b * t, v, logits.device, ignore_index=-100, ref_name="logits")
     if not torch.is_tensor(target) or target.shape != (b, t):
         raise ValueError(f"seq2seq: target must have shape ({b}, {t}), got {target.shape}")
-    if not torch.is_tensor(mask) or mask.shape != (b, t) or mask.is_floating_point():
+    if not torch.is_tensor(mask) or mask.shape != (b, t) or mask.is_floating_point() \
+            or mask.is_complex():
         raise ValueError(f"seq2seq: mask must be a bool or integer (B, T) = ({b}, {t}) tensor "
                          f"(1 = real token, 0 = padding), got "
                          f"{getattr(mask, 'dtype', type(mask).__name__)} "
                          f"{tuple(getattr(mask, 'shape', ()))}")
+    if mask.device != logits.device:
+        raise ValueError(f"seq2seq: mask must be on logits' device {logits.device}, got "
+                         f"{mask.device}")
+    # values on the host only, as validate_targets: on a GPU the check would sync
+    if mask.device.type == "cpu" and mask.dtype != torch.bool and mask.numel() \
+            and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("seq2seq: mask must hold only 0 and 1 (1 = real token, 0 = "
+                         f"padding), got {mask[(mask != 0) & (mask != 1)][0].item()}")
     if normalize not in NORMALIZE:
         raise ValueError(f"seq2seq: normalize must be one of {NORMALIZE}, got {normalize!r}")
     validate_ce_options("seq2seq", label_smoothing, 0.0, reduction)
