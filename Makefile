@@ -32,8 +32,12 @@ aot: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lossreg plugins tests benchmarks
 
+# Peer libraries (Liger-Kernel, cut-cross-entropy) join the check when their wheels are
+# carried in wheels/ (`pip download liger-kernel cut-cross-entropy --no-deps -d wheels/`):
+# the machine has no network, so they install from there or not at all.
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	if compgen -G "wheels/*.whl" > /dev/null; then python3 -m pip install -q --no-deps --no-index wheels/*.whl; fi
 	mkdir -p $(GPU_OUT)
 	set -o pipefail; python3 -m lossreg.gpu_check --out $(GPU_OUT) $(GPU_ARGS) 2>&1 | tee $(GPU_OUT)/gpu-check.log
 

@@ -1,0 +1,380 @@
+"""Peer libraries as baselines: Liger-Kernel and cut-cross-entropy (CCE).
+
+This plugin registers no loss. Through ``register_implementations`` it adds the peers'
+kernels to the losses other plugins own, so ``lossreg check`` proves them against our
+float64 references and ``lossreg bench`` times them next to ours.
+
+Each implementation names its library in ``requires``: without it the implementation
+is unavailable (a ``skipped`` row saying so), never an import error, because every
+adapter imports the peer inside its body. The adapters take our signature (the
+reference's: argument names, ``reduction``, ``ignore_index``, ``temperature``...),
+validate with the loss's own validation, and call the peer's public API with the
+arguments that compute the same function. Options the peer cannot express raise a
+``ValueError`` naming the option and why; they are never silently dropped.
+
+What maps where (Liger-Kernel 0.8 API; cut-cross-entropy 25.1 API):
+
+* ``cross_entropy`` ``liger``: ``liger_cross_entropy``. weight / ignore_index /
+  label_smoothing / z_loss (Liger's ``lse_square_scale``) / reduction. Liger writes the
+  logits gradient over the logits during the forward, as it does in training.
+* ``fused_linear_cross_entropy`` ``liger``: ``liger_fused_linear_cross_entropy``
+  (weight (V, H), bias, softcap, z_loss, label smoothing); ``cce``: CCE's
+  ``linear_cross_entropy(e, c, targets)`` with ``c`` our (V, H) weight, ``shift=False``
+  and ``filter_eps=None`` (CCE's default gradient filtering drops small gradient
+  entries: not the same function's gradient). No bias, label smoothing or z-loss.
+* ``kl_distillation`` ``liger``: Liger's generalized JSD kernel on the tempered
+  log-softmaxes; beta 0 is forward KL, 1 reverse KL, else our ``jsd`` (beta weighs the
+  teacher in both). ``liger_kl_div``: Liger's KL-div kernel (forward KL only).
+* ``fused_linear_distillation`` ``liger``: Liger's fused linear JSD (Triton);
+  ``liger_chunked``: ``LigerFusedLinearJSDLoss`` of its chunked losses (soft loss
+  only). Both map the directions as above.
+* ``dpo`` ``liger``: the preference loss Liger's chunked DPO applies to sequence
+  log-probs (``LigerFusedLinearDPOFunction.preference_loss_fn``); sigmoid and hinge.
+
+Our temperature convention multiplies the divergence by T^2; Liger's does not, so the
+adapters do. Liger's means divide by the rows; ``sum`` multiplies that back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import lossreg
+from lossreg import Impl, hookimpl
+
+LIGER = "liger_kernel"
+CCE = "cut_cross_entropy"
+
+#: The built-in plugin (entry point) owning each loss we add implementations to. Used
+#: only when LOSSREG_LOAD_PLUGINS restricts the load: an implementation is registered
+#: only where its loss exists, never as an "unknown loss" warning.
+OWNERS = {
+    "cross_entropy": "neural_networks",
+    "fused_linear_cross_entropy": "transformers",
+    "kl_distillation": "transformers",
+    "fused_linear_distillation": "transformers",
+    "dpo": "rl",
+}
+
+#: Liger's Triton kernels compute in float32 whatever the input dtype.
+HALF_AND_SINGLE = ("float32", "bfloat16", "float16")
+
+
+class UnsupportedOption(ValueError):
+    """An option set the peer cannot express. A ValueError, as the contract asks; the
+    core's own class of that name is used where it has one (so the harness can report
+    such cases as skipped rather than as errors)."""
+
+
+UnsupportedOption = getattr(lossreg, "UnsupportedOption", UnsupportedOption)
+
+
+def _unsupported(loss: str, impl: str, option: str, why: str) -> ValueError:
+    return UnsupportedOption(f"{loss}: the {impl} implementation cannot express {option}: "
+                             f"{why}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 before a softmax, as our references do."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _nan_if_nothing_kept(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """torch's convention for ``mean`` over no kept target: NaN (with a zero gradient).
+    Liger returns 0 there; this needs no host sync."""
+    return torch.where(keep.any(), out, torch.full_like(out, float("nan")))
+
+
+def _under_interpreter(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreted(loss: str, option: str) -> ValueError:
+    return _unsupported(loss, "liger", f"{option} on CPU",
+                        f"Liger's kernel with {option} calls .to() on a Python float argument, "
+                        "which compiles for a GPU but fails under Triton's interpreter")
+
+
+def _scale_reduced(out: torch.Tensor, reduction: str, rows: int, loss: str, impl: str):
+    """``out`` is the peer's mean over ``rows`` rows: ``sum`` is that times the rows;
+    ``none`` is not expressible (the peer returns one scalar)."""
+    if reduction == "none":
+        raise _unsupported(loss, impl, "reduction='none'",
+                           "the peer returns only the mean over rows, no per-row losses")
+    return out * rows if reduction == "sum" else out
+
+
+# ---------------------------------------------------------------- cross_entropy
+def ce_liger(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+             reduction="mean"):
+    from lossreg_plugins.neural_networks import validate_ce
+
+    validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
+                reduction)
+    if weight is not None and z_loss and reduction == "mean":
+        raise _unsupported("cross_entropy", "liger", "z_loss with weight and reduction='mean'",
+                           "Liger divides the z-loss term by the number of kept rows, ours "
+                           "(like the rest of the loss) by the sum of their class weights")
+    if weight is not None and _under_interpreter(input):
+        raise _interpreted("cross_entropy", "weight")
+    if input.dtype == torch.bfloat16 and _under_interpreter(input):
+        raise _unsupported("cross_entropy", "liger", "bfloat16 on CPU",
+                           "under Triton's interpreter Liger's backward (its in-place scaling "
+                           "of the saved bfloat16 gradient by a non-unit grad_output) returns "
+                           "wrong values; float32 and float16 pass there")
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    out = liger_cross_entropy(input, target.long(), weight=weight, ignore_index=int(ignore_index),
+                              reduction=reduction, label_smoothing=float(label_smoothing),
+                              lse_square_scale=float(z_loss))
+    if reduction == "mean":
+        out = _nan_if_nothing_kept(out, target != ignore_index)
+    return out
+
+
+# ---------------------------------------------------------------- fused linear CE
+def _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                   reduction):
+    from lossreg_plugins.transformers.linear_ce import validate_flce
+
+    validate_flce("fused_linear_cross_entropy", hidden, weight, bias, target, ignore_index,
+                  label_smoothing, z_loss, softcap, reduction)
+
+
+def flce_liger(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+               z_loss=0.0, softcap=None, reduction="mean"):
+    _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                   reduction)
+    if torch.is_grad_enabled() and not hidden.requires_grad and (
+            weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise _unsupported("fused_linear_cross_entropy", "liger",
+                           "gradients of weight or bias without one of hidden",
+                           "Liger computes every gradient only when hidden requires grad")
+    if softcap and _under_interpreter(hidden):
+        raise _interpreted("fused_linear_cross_entropy", "softcap")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    out = liger_fused_linear_cross_entropy(
+        hidden, weight, target, bias=bias, ignore_index=int(ignore_index),
+        lse_square_scale=float(z_loss), label_smoothing=float(label_smoothing),
+        reduction=reduction, softcap=float(softcap) if softcap else None)
+    if reduction == "mean":
+        out = _nan_if_nothing_kept(out, target != ignore_index)
+    return out.to(hidden.dtype)  # Liger's loss is float32 whatever the inputs
+
+
+def flce_cce(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+             z_loss=0.0, softcap=None, reduction="mean"):
+    _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                   reduction)
+    why = "cut-cross-entropy computes plain cross-entropy of e @ c.T"
+    if bias is not None:
+        raise _unsupported("fused_linear_cross_entropy", "cce", "bias",
+                           why + " (its classifier has no bias)")
+    if label_smoothing:
+        raise _unsupported("fused_linear_cross_entropy", "cce",
+                           f"label_smoothing={label_smoothing}", why)
+    if z_loss:
+        raise _unsupported("fused_linear_cross_entropy", "cce", f"z_loss={z_loss}", why)
+    if reduction == "mean" and not bool((target != ignore_index).any()):
+        # CCE's mean over no kept row is NaN and its backward divides by zero; torch's
+        # convention is NaN with a zero gradient (CCE syncs on the targets anyway).
+        return (hidden.sum() + weight.sum()) * 0 + float("nan")
+    from cut_cross_entropy import linear_cross_entropy
+
+    out = linear_cross_entropy(hidden, weight, target, ignore_index=int(ignore_index),
+                               softcap=float(softcap) if softcap else None,
+                               reduction=reduction, shift=False, filter_eps=None)
+    return out.to(hidden.dtype)  # CCE's loss is float32 whatever the inputs
+
+
+# ---------------------------------------------------------------- distillation
+#: Liger's generalized-JSD beta for each of our directions (None: our beta).
+_JSD_BETA = {"forward": 0.0, "reverse": 1.0, "jsd": None}
+
+
+def _liger_beta(direction, beta):
+    b = _JSD_BETA[direction]
+    return float(beta) if b is None else b
+
+
+def kl_liger(student, teacher, temperature=1.0, direction="forward", beta=0.5,
+             reduction="mean"):
+    """Liger's JSD kernel on log-softmax(x / T): beta 0 / 1 are the KL directions."""
+    from lossreg_plugins.transformers.distill import validate_kl
+
+    validate_kl("kl_distillation", student, teacher, temperature, direction, beta, reduction)
+    if reduction == "none":
+        raise _unsupported("kl_distillation", "liger", "reduction='none'",
+                           "Liger's JSD returns only the mean over rows")
+    from liger_kernel.transformers.functional import liger_jsd
+
+    logq = torch.log_softmax(_upcast(student) / temperature, dim=-1)
+    logp = torch.log_softmax(_upcast(teacher.detach()) / temperature, dim=-1)
+    out = liger_jsd(logq, logp, beta=_liger_beta(direction, beta)) * temperature**2
+    return _scale_reduced(out, reduction, student.shape[0], "kl_distillation",
+                          "liger").to(student.dtype)
+
+
+def kl_liger_kl_div(student, teacher, temperature=1.0, direction="forward", beta=0.5,
+                    reduction="mean"):
+    """Liger's KL-div kernel: KL(target || input) with the gradient to the input only."""
+    from lossreg_plugins.transformers.distill import validate_kl
+
+    validate_kl("kl_distillation", student, teacher, temperature, direction, beta, reduction)
+    if direction != "forward":
+        raise _unsupported("kl_distillation", "liger_kl_div", f"direction={direction!r}",
+                           "Liger's KL-div differentiates its input (the student) only in "
+                           "KL(teacher || student); use the liger implementation")
+    from liger_kernel.transformers.functional import liger_kl_div
+
+    logq = torch.log_softmax(_upcast(student) / temperature, dim=-1)
+    logp = torch.log_softmax(_upcast(teacher.detach()) / temperature, dim=-1)
+    out = liger_kl_div(logq, logp, log_target=True,
+                       reduction={"mean": "batchmean"}.get(reduction, reduction))
+    if reduction == "none":
+        out = out.sum(-1)  # Liger's 'none' is per element (N, V); ours per row
+    return (out * temperature**2).to(student.dtype)
+
+
+def _validate_fld(hs, ws, ht, wt, temperature, direction, beta, reduction):
+    from lossreg_plugins.transformers.distill import validate_fld
+
+    validate_fld(hs, ws, ht, wt, temperature, direction, beta, reduction)
+
+
+def fld_liger(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature=1.0,
+              direction="forward", beta=0.5, reduction="mean"):
+    _validate_fld(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature,
+                  direction, beta, reduction)
+    if reduction == "none":
+        raise _unsupported("fused_linear_distillation", "liger", "reduction='none'",
+                           "Liger's fused linear JSD returns only the mean over rows")
+    from liger_kernel.transformers.functional import liger_fused_linear_jsd
+
+    out = liger_fused_linear_jsd(student_hidden, student_weight, teacher_hidden.detach(),
+                                 teacher_weight.detach(), jsd_beta=_liger_beta(direction, beta),
+                                 temperature=float(temperature))
+    out = _scale_reduced(out * temperature**2, reduction, student_hidden.shape[0],
+                         "fused_linear_distillation", "liger")
+    return out.to(student_hidden.dtype)
+
+
+def fld_liger_chunked(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                      temperature=1.0, direction="forward", beta=0.5, reduction="mean"):
+    """Liger's chunked (plain PyTorch) fused linear JSD, soft loss only, eager
+    (``compiled=False``): no hard labels, so every row counts."""
+    _validate_fld(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature,
+                  direction, beta, reduction)
+    if reduction == "none":
+        raise _unsupported("fused_linear_distillation", "liger_chunked", "reduction='none'",
+                           "Liger's chunked JSD returns only the mean over rows")
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    n = student_hidden.shape[0]
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                      beta=_liger_beta(direction, beta),
+                                      temperature=float(temperature), compiled=False)
+    # labels only mask rows (none here) and feed the hard loss (weighted 0)
+    labels = torch.zeros(n, dtype=torch.long, device=student_hidden.device)
+    out = loss_fn(student_hidden, student_weight, teacher_hidden.detach(),
+                  teacher_weight.detach(), labels)
+    out = _scale_reduced(out * temperature**2, reduction, n, "fused_linear_distillation",
+                         "liger_chunked")
+    return out.to(student_hidden.dtype)
+
+
+# ---------------------------------------------------------------- dpo
+def dpo_liger(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+              reference_rejected_logps, beta=0.1, label_smoothing=0.0, loss_type="sigmoid",
+              reduction="mean"):
+    """The loss Liger's chunked DPO applies to the sequence log-probs it computes."""
+    from lossreg_plugins.rl import _validate_dpo
+
+    _validate_dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta, label_smoothing, loss_type, reduction)
+    if loss_type == "ipo":
+        raise _unsupported("dpo", "liger", "loss_type='ipo'",
+                           "Liger's DPO does not implement IPO")
+    if label_smoothing:
+        raise _unsupported("dpo", "liger", f"label_smoothing={label_smoothing}",
+                           "Liger's sigmoid loss has no conservative-DPO smoothing (its "
+                           "'robust' loss is a different, debiased formula)")
+    if reduction == "none":
+        raise _unsupported("dpo", "liger", "reduction='none'",
+                           "Liger's DPO returns only the reduced loss")
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+
+    dtype = policy_chosen_logps.dtype
+    c, r, rc, rr = (_upcast(t).reshape(-1) for t in (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps.detach(),
+        reference_rejected_logps.detach()))
+    # Liger divides the summed loss by len(full_target) // 2, the pairs of the whole
+    # batch (its chunks see part of it): only the length is read, a meta tensor will do.
+    pairs = c.numel() if reduction == "mean" else 1
+    full_target = torch.empty(2 * pairs, device="meta")
+    out = LigerFusedLinearDPOFunction.preference_loss_fn(
+        c, r, full_target, rc, rr, beta=float(beta), loss_type=loss_type)
+    loss = out[0] if isinstance(out, tuple) else out
+    return loss.to(dtype)
+
+
+# ---------------------------------------------------------------- registration
+def _impls():
+    liger = {"kind": "baseline", "backend": LIGER, "requires": (LIGER,)}
+    cce = {"kind": "baseline", "backend": CCE, "requires": (CCE,), "devices": ("cuda",),
+           "dtypes": HALF_AND_SINGLE}
+    yield "cross_entropy", Impl(
+        "liger", ce_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
+        description="Liger-Kernel liger_cross_entropy: gradient written over the logits "
+                    "in the forward")
+    yield "fused_linear_cross_entropy", Impl(
+        "liger", flce_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
+        description="Liger-Kernel fused linear cross-entropy (row chunks, Triton CE)")
+    yield "fused_linear_cross_entropy", Impl(
+        "cce", flce_cce, **cce,
+        description="cut-cross-entropy linear_cross_entropy (CCE kernel, filter_eps=None: "
+                    "exact gradients); no bias, label smoothing or z-loss")
+    yield "kl_distillation", Impl(
+        "liger", kl_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
+        description="Liger-Kernel generalized JSD kernel (beta 0 / 1: forward / reverse "
+                    "KL) on tempered log-softmaxes; no reduction='none'")
+    yield "kl_distillation", Impl(
+        "liger_kl_div", kl_liger_kl_div, **{**liger, "devices": ("cuda",)},
+        dtypes=HALF_AND_SINGLE,
+        description="Liger-Kernel KL-div kernel on tempered log-softmaxes; forward KL only "
+                    "(does not run under Triton's interpreter)")
+    yield "fused_linear_distillation", Impl(
+        "liger", fld_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
+        description="Liger-Kernel fused linear JSD (Triton), all directions; no "
+                    "reduction='none'")
+    yield "fused_linear_distillation", Impl(
+        "liger_chunked", fld_liger_chunked, **liger, dtypes=HALF_AND_SINGLE,
+        grad_in_forward=True,
+        description="Liger-Kernel chunked LigerFusedLinearJSDLoss (eager PyTorch, soft "
+                    "loss only); no reduction='none'")
+    yield "dpo", Impl(
+        "liger", dpo_liger, **liger,
+        description="Liger-Kernel's DPO preference loss on sequence log-probs (sigmoid, "
+                    "hinge); no ipo, label smoothing or reduction='none'")
+
+
+def _loss_available(register, loss: str) -> bool:
+    """Whether `loss` will be registered in this load: read from the callback where the
+    registry exposes the names (``register.losses``), else from LOSSREG_LOAD_PLUGINS."""
+    known = getattr(register, "losses", None)
+    if known is not None:
+        return loss in known
+    wanted = os.environ.get("LOSSREG_LOAD_PLUGINS")
+    if wanted is None:
+        return True
+    return OWNERS[loss] in {w.strip() for w in wanted.split(",")}
+
+
+@hookimpl
+def register_implementations(register):
+    for loss, impl in _impls():
+        if _loss_available(register, loss):
+            register(loss, impl)
