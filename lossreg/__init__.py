@@ -3,7 +3,7 @@
 from .hookspecs import hookimpl
 from .registry import get, losses, reload
 from .results import load_results
-from .spec import Case, Impl, LossSpec
+from .spec import Case, Impl, LossSpec, UnsupportedOption
 
 __version__ = "0.1.0"
 
@@ -22,5 +22,5 @@ def bench(names=None, **kwargs):
     return _bench(names, **kwargs)
 
 
-__all__ = ["Case", "Impl", "LossSpec", "bench", "check", "get", "hookimpl", "load_results",
+__all__ = ["Case", "Impl", "LossSpec", "UnsupportedOption", "bench", "check", "get", "hookimpl", "load_results",
            "losses", "reload"]

@@ -29,7 +29,7 @@ import torch
 from . import measure
 from .registry import Registry, default_registry
 from .results import ResultWriter
-from .spec import DTYPES, Case, Impl, LossSpec
+from .spec import DTYPES, Case, Impl, LossSpec, UnsupportedOption
 
 SEEDS = (0, 1, 2)
 #: Checks run only where the inputs in float64 stay under this (the reference and its
@@ -209,12 +209,15 @@ def make_plan(
 def runnable(impl: Impl, dev_type: str, dtype: str) -> str | None:
     from .kernels import interpreting
 
-    if impl.backend == "triton" and dev_type == "cpu":
+    if impl.uses_triton and dev_type == "cpu":
         missing = impl.missing_requirements()
         if missing:
             return f"requires {', '.join(missing)} (not installed)"
         if not interpreting():
             return "Triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before lossreg is imported"
+        if impl.backend != "triton" and "cpu" not in impl.devices:
+            # a library's kernels that do not run under the interpreter say so in devices
+            return f"runs on {', '.join(impl.devices)} only (not under Triton's interpreter)"
         if impl.dtypes is not None and dtype not in impl.dtypes:
             return f"supports dtypes {', '.join(impl.dtypes)}, not {dtype}"
         return None
@@ -441,6 +444,8 @@ def _guard(state: RunState, row: dict, fn: Callable[[], dict]) -> dict:
     try:
         with state.limit():
             row.update(fn())
+    except UnsupportedOption as exc:
+        row.update(status="skipped", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing case is one error row
         row.update(status="error", message=_error_message(exc))
         recover_memory(exc)
@@ -549,7 +554,7 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
     options = dict(spec.options)
     rows = []
     modes = ("forward", "backward", "full")
-    if impl.backend == "triton" and measure.device_type(state.device) == "cpu":
+    if impl.uses_triton and measure.device_type(state.device) == "cpu":
         for mode in modes:
             row = _base_row(state, task, options)
             row.update(check="throughput", mode=mode, status="skipped", message=INTERPRETER_SKIP)
@@ -656,7 +661,7 @@ def execute(
                         row["rtol"] = row["atol"] = None
                         row["n"] = min(8, min(spec.sizes["quick"]))
                         rows.append(row)
-                    if throughput and impl.backend == "triton" and \
+                    if throughput and impl.uses_triton and \
                             measure.device_type(device) == "cpu":
                         # the interpreter at benchmark sizes takes minutes per case and times
                         # nothing; `lossreg check` covers these kernels at the quick sizes

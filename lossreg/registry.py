@@ -158,6 +158,9 @@ class Registry:
                 raise SpecError(f"register(loss, impl) takes an Impl, got {type(impl).__name__}")
             staged_impls.append((loss, impl))
 
+        # what implementations may attach to (a peer plugin registers only where
+        # the loss exists, instead of tripping the unknown-loss warning)
+        register_impl.losses = frozenset(self.losses)
         callback = register_loss if hook == "register_losses" else register_impl
         try:
             for h in impls:

@@ -38,6 +38,12 @@ class SpecError(ValueError):
     """A plugin registered something malformed."""
 
 
+class UnsupportedOption(ValueError):
+    """Raised by an implementation for an option set it cannot express (a peer
+    library without ``reduction='none'``, say). Still a ValueError for callers; the
+    harness reports such a case as ``skipped`` with the message, not as an error."""
+
+
 def check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise SpecError(
@@ -92,6 +98,10 @@ class Impl:
     dtypes: tuple[str, ...] | None = None
     grad_in_forward: bool = False
     requires: tuple[str, ...] = ()
+    #: Runs Triton kernels (default: backend == "triton"). On a CPU these run only
+    #: under the interpreter: checked, never timed. Set it for a library's kernels;
+    #: those run there only if ``devices`` lists "cpu" (built-in "triton" ones always).
+    uses_triton: bool | None = None
     description: str = ""
     #: Filled in by the registry: which plugin registered this implementation.
     plugin: str = ""
@@ -105,6 +115,8 @@ class Impl:
                 f"implementation {self.name!r}: kind {self.kind!r} is not one of {IMPL_KINDS}"
             )
         self.devices = tuple(self.devices)
+        if self.uses_triton is None:
+            self.uses_triton = self.backend == "triton"
         self.requires = tuple([self.requires] if isinstance(self.requires, str) else self.requires)
         if self.dtypes is not None:
             bad = [d for d in self.dtypes if d not in DTYPES]

@@ -323,8 +323,9 @@ def dpo_liger(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
 
 # ---------------------------------------------------------------- registration
 def _impls():
-    liger = {"kind": "baseline", "backend": LIGER, "requires": (LIGER,)}
+    liger = {"kind": "baseline", "backend": LIGER, "requires": (LIGER,), "uses_triton": True}
     cce = {"kind": "baseline", "backend": CCE, "requires": (CCE,), "devices": ("cuda",),
+           "uses_triton": True,
            "dtypes": HALF_AND_SINGLE}
     yield "cross_entropy", Impl(
         "liger", ce_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,

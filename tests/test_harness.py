@@ -107,3 +107,37 @@ def test_edge_cases_are_rows():
 def test_compile_implementation_on_cpu():
     df = lossreg.check(["mse"], device="cpu", impls=["compile"])
     assert len(df) and (df.status == "ok").all(), df[df.status != "ok"].message.tolist()
+
+
+def test_unsupported_option_is_a_skipped_row_not_an_error():
+    from lossreg import UnsupportedOption
+
+    def no_none(input, target, reduction="mean"):
+        if reduction == "none":
+            raise UnsupportedOption("sq: the no_none implementation cannot express "
+                                    "reduction='none'")
+        return _good(input, target, reduction)
+
+    df, _ = execute(["sq"], device="cpu", registry=_spec(no_none=no_none))
+    rows = df[df.impl == "no_none"]
+    params = rows.params.str.contains('"none"')
+    assert set(rows[params].status) == {"skipped"}
+    assert rows[params].message.str.contains("cannot express").all()
+    assert set(rows[~params].status) == {"ok"}
+
+
+def test_library_triton_kernels_are_checked_not_timed_on_cpu(tmp_path):
+    reg = _spec()
+    spec = reg.losses["sq"]
+    spec.implementations["lib"] = Impl("lib", _good, kind="baseline", backend="somelib",
+                                       uses_triton=True, plugin="t")
+    spec.implementations["gpu_only"] = Impl("gpu_only", _good, kind="baseline",
+                                            backend="somelib", uses_triton=True,
+                                            devices=("cuda",), plugin="t")
+    df, _ = execute(["sq"], device="cpu", registry=reg)
+    assert set(df[df.impl == "lib"].status) == {"ok"}
+    gpu = df[df.impl == "gpu_only"]
+    assert set(gpu.status) == {"skipped"} and gpu.message.str.contains("cuda only").all()
+    df, _ = execute(["sq"], device="cpu", registry=reg, throughput=True, out=tmp_path)
+    timed = df[(df.impl == "lib") & (df.check == "throughput")]
+    assert set(timed.status) == {"skipped"} and timed.message.str.contains("interpreter").all()
