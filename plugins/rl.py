@@ -461,7 +461,9 @@ def _huber_term(d, p0, p1):
     a = tl.abs(d)  # p0: delta
     inside = a <= p0
     loss = tl.where(inside, 0.5 * d * d, p0 * (a - 0.5 * p0))
-    return loss, tl.where(inside, d, tl.where(d > 0.0, p0, -p0))
+    # d - d: NaN where d is NaN or inf, as the reference's gradient (0 * d through the
+    # unselected 0.5 d^2 branch of its torch.where)
+    return loss, tl.where(inside, d, tl.where(d > 0.0, p0, -p0) + (d - d))
 
 
 _td_kernel = td_loss(_huber_term, name="q_td")

@@ -349,8 +349,6 @@ XFAIL: dict[tuple[str, str, str], str] = {
                                                       "projected nan (inf - inf)",
     ("pca_reconstruction", "triton", "nonfinite"): "+inf in weight: reference inf, kernel "
                                                    "nan (inf - inf)",
-    ("q_td", "triton", "nonfinite"): "NaN in target_q: reference nan, kernel finite (its "
-                                     "max over actions drops the NaN)",
     ("reward_bt", "torch", "nonfinite"): "chosen=+inf: reference finite, torch nan",
     ("multiclass_hinge", "torch", "nonfinite"): "NaN score: reference nan, torch's "
                                                 "multi_margin_loss finite",

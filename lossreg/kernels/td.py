@@ -36,6 +36,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from . import nanops
     from .pointwise import _scale_unless_one
 
     @triton.jit
@@ -56,7 +57,8 @@ if HAVE_TRITON:
             valid = row_ok[:, None] & (cols < n_act)[None, :]
             qt = tl.load(QT + rows[:, None] * n_act + cols[None, :], mask=valid,
                          other=float("-inf")).to(ACC)
-            best = tl.maximum(best, tl.max(qt, axis=1))
+            # torch's max over actions is NaN when one Q' is: so is this one
+            best = nanops.maximum(best, nanops.amax(qt, axis=1))
         delta = q_sa - (r + gamma * (1.0 - d) * best)
         loss, dl = TERM(delta, p0, p1)
         loss = tl.where(act_ok, loss, float("nan"))
