@@ -227,6 +227,11 @@ def _sample_flops(fwd, bwd):
     return model
 
 
+def _masked_mean_count(inputs, options):
+    """What ``mean`` divides by: the number of masked patches."""
+    return float(torch.count_nonzero(inputs["mask"]))
+
+
 @hookimpl
 def register_losses(register):
     register(LossSpec(
@@ -288,6 +293,7 @@ def register_losses(register):
                       "large": {"patches": 196, "patch_dim": 768, "mask_ratio": 0.75}},
         flops=_sample_flops(3, 2),
         edge_cases=MASKED_EDGE_CASES,
+        mean_count=_masked_mean_count,
     ))
 
 

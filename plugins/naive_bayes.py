@@ -244,6 +244,14 @@ GAUSSIAN_EDGE_CASES = {
 }
 
 
+def _nll_mean_count(inputs, options):
+    """What ``mean`` divides by: the total class weight of the kept rows."""
+    target = inputs["target"]
+    kept = target[target != options.get("ignore_index", -100)]
+    weight = inputs.get("weight")
+    return float(kept.numel() if weight is None else weight[kept].sum())
+
+
 # ---------------------------------------------------------------- registration
 @hookimpl
 def register_losses(register):
@@ -262,6 +270,7 @@ def register_losses(register):
         reference=nll_reference, make_inputs=nll_inputs,
         options={"ignore_index": -100, "reduction": "mean"},
         check_options=reductions() + [{"ignore_index": 3}], grad_inputs=("input",),
+        mean_count=_nll_mean_count,
         sizes=ROW_SIZES, x_name="rows", bytes_moved=_nll_bytes,
         flops=lambda inp: {"forward": 2 * inp["target"].numel(),
                            "backward": inp["input"].numel(),

@@ -206,6 +206,14 @@ def _flops(inputs):
     return {"forward": 4 * nv, "backward": 6 * nv, "full": 10 * nv}
 
 
+def ce_mean_count(inputs, options, target="target"):
+    """What ``mean`` divides by: the total class weight of the kept (not ignored) rows."""
+    y = inputs[target]
+    kept = y[y != options.get("ignore_index", -100)]
+    weight = inputs.get("weight")
+    return float(kept.numel() if weight is None else weight[kept].sum())
+
+
 @hookimpl
 def register_losses(register):
     register(LossSpec(
@@ -226,7 +234,7 @@ def register_losses(register):
         check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
                        {"z_loss": 1e-3, "label_smoothing": 0.05, "reduction": "none"}],
         grad_inputs=("input",), sizes=SIZES, x_name="tokens", input_params=VOCAB,
-        flops=_flops, edge_cases=CE_EDGE_CASES,
+        flops=_flops, edge_cases=CE_EDGE_CASES, mean_count=ce_mean_count,
     ))
     register(LossSpec(
         name="perplexity", family="neural_networks", title="Perplexity",

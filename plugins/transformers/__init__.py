@@ -49,6 +49,25 @@ LINEAR_SHAPES = {"quick": {"hidden": 24, "vocab": 300},
                  "large": {"hidden": 4096, "vocab": 128256}}
 
 
+def _kept_count(key, shift=False):
+    """``mean_count``: the tokens of ``inputs[key]`` not equal to ignore_index (-100 for
+    losses without the option); ``shift`` drops the first position (causal LM targets)."""
+
+    def count(inputs, options):
+        y = inputs[key][:, 1:] if shift else inputs[key]
+        return float((y != options.get("ignore_index", -100)).sum())
+
+    return count
+
+
+def _seq2seq_mean_count(inputs, options):
+    """Token normalization divides by the real tokens; sequence normalization averages
+    per-sequence means, which is no sum / count (None)."""
+    if options.get("normalize", "token") != "token":
+        return None
+    return float(torch.count_nonzero(inputs["mask"]))
+
+
 def _specs():
     lm_sizes, lm_shapes = _lm_sizes()
     yield LossSpec(
@@ -63,6 +82,7 @@ def _specs():
         options=dict(CE_OPTIONS), grad_inputs=("logits",), x_name="sequences",
         sizes=lm_sizes, input_params=lm_shapes,
         check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}],
+        mean_count=_kept_count("input_ids", shift=True),
         flops=lambda i: _tokens_flops(i, "logits"),
         edge_cases={
             "two_tokens": _resize(lm.make_causal_inputs, 3, seq=2),
@@ -92,6 +112,7 @@ def _specs():
         check_options=[{"normalize": "sequence"}, {"label_smoothing": 0.1},
                        {"reduction": "none"}, {"reduction": "sum"},
                        {"normalize": "sequence", "label_smoothing": 0.1}],
+        mean_count=_seq2seq_mean_count,
         flops=lambda i: _tokens_flops(i, "logits"),
         edge_cases={"one_token_sequences": _resize(lm.make_seq2seq_inputs, 4, seq=1),
                     "vocab_multi_block": _resize(lm.make_seq2seq_inputs, 2, seq=3, vocab=8200)},
@@ -113,6 +134,7 @@ def _specs():
         input_params=LINEAR_SHAPES, flops=linear_ce.flce_flops,
         check_options=[{"reduction": "sum"}, {"reduction": "none"},
                        {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 15.0}],
+        mean_count=_kept_count("target"),
         edge_cases={
             "bias": _with(linear_ce.make_flce_inputs,
                           bias=lambda c, i: c.randn(i["weight"].shape[0])),
@@ -134,6 +156,7 @@ def _specs():
         options={"reduction": "mean"}, grad_inputs=("hidden", "weight"), x_name="tokens",
         sizes=LINEAR_SIZES, input_params=LINEAR_SHAPES,
         check_options=[{"reduction": "sum"}, {"reduction": "none"}],
+        mean_count=_kept_count("labels"),
         flops=linear_ce.flce_flops,
         edge_cases={"one_masked": _with(
             _resize(linear_ce.make_mlm_inputs, 23),
