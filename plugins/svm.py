@@ -222,11 +222,12 @@ def multiclass_hinge_torch(input, target, p=1, margin=1.0, weight=None, reductio
 def _multiclass_hinge_term(s, valid, is_label, C, p0, p1):
     score_y = tl.sum(tl.where(is_label, s, 0.0), axis=1)
     z = p0 - score_y[:, None] + s  # p0: margin
-    h = tl.where(valid & (z > 0.0), z, 0.0)
+    # relu as torch's: NaN stays NaN (not z <= 0), and its gradient there is 1
+    h = tl.where(valid & ~(z <= 0.0), z, 0.0)
     h = tl.where(is_label, 0.0, h)
     squared = p1 == 2.0  # p1: the exponent p, 1 or 2
     loss = tl.sum(tl.where(squared, h * h, h), axis=1) / C
-    dh = tl.where(squared, 2.0 * h, tl.where(h > 0.0, 1.0, 0.0)) / C
+    dh = tl.where(squared, 2.0 * h, tl.where(h <= 0.0, 0.0, 1.0)) / C
     # the label's score enters every term with a minus sign
     grad = tl.where(is_label, -tl.sum(dh, axis=1)[:, None], dh)
     return loss, grad

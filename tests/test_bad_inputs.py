@@ -352,8 +352,6 @@ XFAIL: dict[tuple[str, str, str], str] = {
     ("reward_bt", "torch", "nonfinite"): "chosen=+inf: reference finite, torch nan",
     ("multiclass_hinge", "torch", "nonfinite"): "NaN score: reference nan, torch's "
                                                 "multi_margin_loss finite",
-    ("multiclass_hinge", "triton", "nonfinite"): "NaN score: reference nan, kernel finite "
-                                                 "(its z > 0 test drops the NaN)",
     ("dpo", "torch", "nonfinite"): "+inf log-prob: reference inf, torch nan",
     ("dpo", "liger", "nonfinite"): "+inf log-prob: NaN/inf differ from the reference's",
     ("fused_linear_cross_entropy", "torch", "nonfinite"): "+inf in weight: reference nan in "
