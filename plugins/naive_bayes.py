@@ -202,7 +202,10 @@ def gaussian_nll_torch(input, target, var, full=False, eps=1e-6, reduction="mean
 @jit
 def _gaussian_term(x, v, t, p0, p1):
     """x input, v variance, t target (third operand); p0 eps, p1 the constant."""
-    vc = tl.maximum(v, p0)
+    # the reference's var + (max(var, eps) - var).detach(): NaN for a NaN var (torch's
+    # clamp keeps it; tl.maximum would not) and for var = +inf (inf - inf); v - v is 0
+    # for every finite var, so finite values are untouched
+    vc = tl.where(v < p0, p0, v) + (v - v)
     inv = 1.0 / vc
     d = x - t
     q = d * d * inv

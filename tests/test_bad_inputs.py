@@ -343,8 +343,6 @@ XFAIL: dict[tuple[str, str, str], str] = {
     ("bce_with_logits", "torch", "nonfinite"): "+inf logit: reference nan, torch's "
                                                "built-in inf",
     ("gaussian_nll", "torch", "nonfinite"): "var=+inf: reference nan, torch's built-in inf",
-    ("gaussian_nll", "triton", "nonfinite"): "var=NaN: reference nan, kernel finite (its "
-                                             "clamp to eps drops the NaN)",
     ("pca_reconstruction", "projected", "nonfinite"): "+inf in weight: reference inf, "
                                                       "projected nan (inf - inf)",
     ("pca_reconstruction", "triton", "nonfinite"): "+inf in weight: reference inf, kernel "
