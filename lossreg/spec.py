@@ -199,7 +199,8 @@ class LossSpec:
     check_options: list[dict[str, Any]] = field(default_factory=list)
     #: (inputs, options) -> the divisor of ``reduction="mean"``: ``mean`` equals the
     #: ``sum`` divided by it. None: the number of elements of the ``none`` output.
-    #: Losses that exclude ignored tokens or weight samples say so here.
+    #: Losses that exclude ignored tokens or weight samples say so here; it returns
+    #: None for options under which the mean is no sum / count (mean of means).
     mean_count: Callable[[Mapping[str, Any], Mapping[str, Any]], float] | None = None
     #: input name -> the values it may hold, for the generated bad-input tests (the forms are
     #: in `lossreg.validate.DOMAIN_KINDS`), e.g. {"target": ("index", lambda inputs: 10)}.
@@ -243,10 +244,12 @@ class LossSpec:
         return {**self.input_params.get(preset, {}), **options}
 
     def mean_divisor(self, inputs: Mapping[str, Any], options: Mapping[str, Any],
-                     per_sample: torch.Tensor) -> float:
-        """What ``mean`` divides ``sum`` by (see `mean_count`)."""
+                     per_sample: torch.Tensor) -> float | None:
+        """What ``mean`` divides ``sum`` by (see `mean_count`); None where the mean is
+        not a sum over a count for these options (a mean of per-sequence means)."""
         if self.mean_count is not None:
-            return float(self.mean_count(inputs, options))
+            value = self.mean_count(inputs, options)
+            return None if value is None else float(value)
         return float(per_sample.numel())
 
     def tolerance(self, dtype: str) -> tuple[float, float]:

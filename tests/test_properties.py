@@ -28,6 +28,9 @@ Profiles, chosen by the environment variable ``LOSSREG_HYPOTHESIS``:
   sizes up to the spec's largest quick size, ``compile`` only for ``mse`` and only in
   property 1 (torch.compile takes seconds per shape on a CPU). The file runs in about
   80 s with ``-n 2`` on two cores.
+* ``ci``: ``fast`` with derandomized examples (the same every run), so a merge gate
+  fails only for a change, never for a lucky draw; ``.ci/run`` selects it. Locally,
+  ``fast`` and ``deep`` draw new examples on every run.
 * ``deep``: 25 examples, also the spec's smallest default and large sizes (where the
   float64 reference stays cheap; Triton up to twice the largest quick size, since the
   interpreter is slow) and every ``compile`` implementation.
@@ -61,8 +64,8 @@ from lossreg.harness import _to64, check_forward, check_gradient, runnable
 from lossreg.spec import DTYPES, Case
 
 PROFILE = os.environ.get("LOSSREG_HYPOTHESIS", "fast")
-if PROFILE not in ("fast", "deep"):
-    raise ValueError(f"LOSSREG_HYPOTHESIS must be 'fast' or 'deep', got {PROFILE!r}")
+if PROFILE not in ("fast", "ci", "deep"):
+    raise ValueError(f"LOSSREG_HYPOTHESIS must be 'fast', 'ci' or 'deep', got {PROFILE!r}")
 DEEP = PROFILE == "deep"
 
 _DATABASE = DirectoryBasedExampleDatabase(
@@ -74,6 +77,8 @@ _COMMON = {"deadline": None, "print_blob": True, "database": _DATABASE,
 # would take minutes to shrink (the blob still reproduces it; `deep` shrinks)
 settings.register_profile("lossreg-fast", max_examples=3,
                           phases=(Phase.explicit, Phase.reuse, Phase.generate), **_COMMON)
+settings.register_profile("lossreg-ci", settings.get_profile("lossreg-fast"),
+                          derandomize=True, database=None)
 settings.register_profile("lossreg-deep", max_examples=25, **_COMMON)
 SETTINGS = settings.get_profile(f"lossreg-{PROFILE}")
 if os.environ.get("LOSSREG_HYPOTHESIS_EXAMPLES"):
@@ -338,6 +343,15 @@ KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
     ("perplexity", "triton", "bfloat16"): (
         "exp() of a bfloat16 mean CE: ~3% relative (no bfloat16 tolerance declared)", {},
         ("agree", 33, 22657358, {})),
+    ("triplet", "torch", "bfloat16"): (
+        ("d(a,p) - d(a,n) + margin cancels in bfloat16 near the hinge (swap, none): ~4.5% "
+         "relative (no bfloat16 tolerance declared)"), {},
+        ("agree", 300, 371, {"swap": True, "distance": "euclidean", "p": 2.0,
+                             "reduction": "none", "margin": 0.2, "eps": 1e-06})),
+    ("margin_ranking", "reference", "bfloat16"): (
+        ("-y(a - b) + margin rounds to bfloat16 before the hinge; the sum of 2465 such "
+         "terms is off by more than 2% (no bfloat16 tolerance declared)"), {},
+        ("agree", 2465, 536870911, {"reduction": "sum", "margin": 0.5})),
     ("bce_with_logits", "torch", "bfloat16"): (
         ("F.binary_cross_entropy_with_logits's gradient of target in bfloat16 on CPU: "
          "~2% relative"), {},
@@ -421,9 +435,9 @@ def _check_reductions(spec, impl, dtype, n, seed, options, inputs=None):
          f"mean {mean!r}")
     assert _close(total, float(none.sum()), scale, tol), (
         f"reduction='none' sums to {float(none.sum())!r}, reduction='sum' gives {total!r}")
-    if spec.mean_count is not None and spec.mean_count(inputs, options) is None:
-        return  # mean is no sum / count for these options (spec.mean_count says so)
     divisor = spec.mean_divisor(inputs, options, out["none"])
+    if divisor is None:
+        return  # mean is no sum / count for these options (spec.mean_count says so)
     _note(f"mean divisor {divisor!r}")
     if divisor == 0:
         assert math.isnan(mean), f"nothing to average: mean should be nan, got {mean!r}"
