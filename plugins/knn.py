@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
-from lossreg.kernels import jit, tl
+from lossreg.kernels import jit, nanops, tl
 from lossreg.kernels.aligned_rows import aligned_rows_loss
 from lossreg.kernels.pairwise import pairwise_reduction
 
@@ -203,18 +203,19 @@ def triplet_torch(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=
 
 @jit
 def _unit(v, dist):
-    """d dist / d v for dist = |v|_2 (0 where the norm is 0, as torch.norm's gradient)."""
-    return v * tl.where(dist > 0.0, 1.0 / dist, 0.0)[:, None]
+    """d dist / d v for dist = |v|_2 (0 where the norm is 0, as torch.norm's gradient;
+    NaN for a NaN norm, as torch's v * (g / norm) even where the hinge passes g = 0)."""
+    return v * tl.where(dist == 0.0, 0.0, 1.0 / dist)[:, None]
 
 
 @jit
 def _lp(v, p):
     """(|v|_p per row, d |v|_p / d v) for p >= 1, through exp2/log2 of |v|."""
     av = tl.abs(v)
-    nz = av > 0.0
+    nz = av != 0.0  # NaN counts: the norm of a row holding NaN is NaN
     log_av = tl.log2(tl.where(nz, av, 1.0))
     total = tl.sum(tl.where(nz, tl.exp2(p * log_av), 0.0), axis=1)
-    pos = total > 0.0
+    pos = total != 0.0
     log_d = tl.log2(tl.where(pos, total, 1.0)) / p
     dist = tl.where(pos, tl.exp2(log_d), 0.0)
     # sign(v) |v|^(p-1) / dist^(p-1)
@@ -234,15 +235,19 @@ def _swap_weights(d_an, d_pn, swap):
 def _triplet_finish(d_ap, d_an, d_pn, u_ap, u_an, u_pn, margin, swap):
     """Hinge on the three distances and their unit gradients -> (loss, da, dp, dn)."""
     w_an, w_pn = _swap_weights(d_an, d_pn, swap)
-    d_neg = tl.where(swap, tl.minimum(d_an, d_pn), d_an)
+    # NaN-propagating min and max, as the reference's torch.minimum and clamp_min
+    d_neg = tl.where(swap, nanops.minimum(d_an, d_pn), d_an)
     z = margin + d_ap - d_neg
     act = tl.where(z >= 0.0, 1.0, 0.0)[:, None]
     w_an = w_an[:, None] * act
     w_pn = w_pn[:, None] * act
+    # without swap d(p, n) is not part of the loss: its gradient (NaN for an inf row)
+    # must not reach p and n
+    pn = tl.where(swap, w_pn * u_pn, 0.0)
     da = act * u_ap - w_an * u_an
-    dp = -act * u_ap - w_pn * u_pn
-    dn = w_an * u_an + w_pn * u_pn
-    return tl.maximum(z, 0.0), da, dp, dn
+    dp = -act * u_ap - pn
+    dn = w_an * u_an + pn
+    return nanops.maximum(z, 0.0), da, dp, dn
 
 
 @jit
@@ -272,8 +277,8 @@ def _cos_distance(x, y):
     """(1 - cos(x, y), d/dx, d/dy) with each norm clamped at 1e-8 (no gradient there)."""
     nx = tl.sqrt(tl.sum(x * x, axis=1))
     ny = tl.sqrt(tl.sum(y * y, axis=1))
-    cx = tl.maximum(nx, 1e-8)
-    cy = tl.maximum(ny, 1e-8)
+    cx = nanops.maximum(nx, 1e-8)  # clamp_min keeps NaN
+    cy = nanops.maximum(ny, 1e-8)
     inv = 1.0 / (cx * cy)
     cos = tl.sum(x * y, axis=1) * inv
     kx = tl.where(nx > 1e-8, cos / (cx * cx), 0.0)
@@ -291,15 +296,16 @@ def _triplet_cos_term(a, b, c, valid, y, p0, p1, p2, p3):
     d_pn, gp_pn, gn_pn = _cos_distance(b, c)
     swap = p3 != 0.0
     w_an, w_pn = _swap_weights(d_an, d_pn, swap)
-    d_neg = tl.where(swap, tl.minimum(d_an, d_pn), d_an)
+    d_neg = tl.where(swap, nanops.minimum(d_an, d_pn), d_an)
     z = p0 + d_ap - d_neg
     act = tl.where(z >= 0.0, 1.0, 0.0)[:, None]
     w_an = w_an[:, None] * act
     w_pn = w_pn[:, None] * act
     da = act * ga_ap - w_an * ga_an
-    dp = act * gp_ap - w_pn * gp_pn
-    dn = -(w_an * gn_an + w_pn * gn_pn)
-    return tl.maximum(z, 0.0), da, dp, dn
+    # without swap d(p, n) is not part of the loss (its gradient may be NaN)
+    dp = act * gp_ap - tl.where(swap, w_pn * gp_pn, 0.0)
+    dn = -(w_an * gn_an + tl.where(swap, w_pn * gn_pn, 0.0))
+    return nanops.maximum(z, 0.0), da, dp, dn
 
 
 _triplet_l2_kernel = aligned_rows_loss(_triplet_l2_term, name="triplet_l2", operands=3)

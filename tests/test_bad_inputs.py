@@ -332,7 +332,6 @@ def cpu_impls(spec: LossSpec):
 #: (loss, impl, group) -> why it cannot pass yet (strict: it must fail). All are numerics
 #: of NaN/inf (or of an empty batch), not validation: the reference's value is quoted.
 XFAIL: dict[tuple[str, str, str], str] = {
-    ("triplet", "triton", "nonfinite"): "NaN in anchor: reference nan, kernel a finite loss",
     ("soft_kmeans", "triton", "nonfinite"): "NaN in x: reference nan, kernel a finite loss",
     ("wcss", "chunked", "nonfinite"): "+inf in x: reference nan (inf - inf), chunked inf",
     ("wcss", "triton", "nonfinite"): "+inf in x: reference nan (inf - inf), kernel inf",
