@@ -402,23 +402,38 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction):
-    """The loss from the mined indices: only O(B D) rows enter autograd."""
+def _nonfinite_as_mined(d: torch.Tensor, mined_d2: torch.Tensor, eps) -> torch.Tensor:
+    """The reference's distance where the mined squared distance (its Gram form) is NaN
+    or inf: inf - inf there gives NaN where the direct form gives inf, and a NaN anywhere
+    among an anchor's candidates makes its hardest distance NaN. B values: no extra pass."""
+    return torch.where(torch.isfinite(mined_d2), d, torch.sqrt(mined_d2.to(d.dtype) + eps))
+
+
+def _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction, mined=None):
+    """The loss from the mined indices: only O(B D) rows enter autograd. ``mined``: the
+    mined squared distances (hardest positive, hardest negative), for NaN/inf."""
     x = _work(input)
     d_pos = torch.sqrt(((x - x[pos]) ** 2).sum(dim=1) + eps)
     d_neg = torch.sqrt(((x - x[neg]) ** 2).sum(dim=1) + eps)
+    if mined is not None:
+        d_pos = _nonfinite_as_mined(d_pos, mined[0], eps)
+        d_neg = _nonfinite_as_mined(d_neg, mined[1], eps)
     loss = _hinge(margin + d_pos - d_neg, soft_margin)
     return reduce_loss(loss, reduction).to(input.dtype)
 
 
 @torch.no_grad()
-def mine_chunked(x: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK):
-    """Hardest positive / negative index per anchor, ``chunk`` anchors at a time."""
+def mine_chunked(x: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK,
+                 values: bool = False):
+    """Hardest positive / negative index per anchor, ``chunk`` anchors at a time (and,
+    with ``values``, their squared distances, NaN where the reference's are)."""
     x = _work(x.detach())
     B = x.shape[0]
     sq = (x * x).sum(dim=1)
     pos = torch.empty(B, dtype=torch.int64, device=x.device)
     neg = torch.empty(B, dtype=torch.int64, device=x.device)
+    pos_d2 = torch.empty(B, dtype=x.dtype, device=x.device)
+    neg_d2 = torch.empty(B, dtype=x.dtype, device=x.device)
     for start in range(0, B, chunk):
         stop = min(start + chunk, B)
         d2 = torch.addmm(sq[None, :], x[start:stop], x.T, alpha=-2.0)
@@ -427,22 +442,26 @@ def mine_chunked(x: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK):
         rows = torch.arange(stop - start, device=x.device)
         excluded = ~same
         excluded[rows, rows + start] = True  # the anchor is not its own positive
-        pos[start:stop] = d2.masked_fill(excluded, float("-inf")).argmax(dim=1)
-        neg[start:stop] = d2.masked_fill_(same, float("inf")).argmin(dim=1)
-    return pos, neg
+        # max/min(dim) as argmax/argmin (first index on ties), values too: NaN wins
+        torch.max(d2.masked_fill(excluded, float("-inf")), dim=1,
+                  out=(pos_d2[start:stop], pos[start:stop]))
+        torch.min(d2.masked_fill_(same, float("inf")), dim=1,
+                  out=(neg_d2[start:stop], neg[start:stop]))
+    return (pos, neg, pos_d2, neg_d2) if values else (pos, neg)
 
 
 def batch_hard_chunked(input, target, margin=1.0, soft_margin=False, eps=1e-12,
                        reduction="mean"):
     _validate_batch_hard(input, target, margin, soft_margin, eps, reduction)
-    pos, neg = mine_chunked(input, target, CHUNK)
-    return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction)
+    pos, neg, pos_d2, neg_d2 = mine_chunked(input, target, CHUNK, values=True)
+    return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction,
+                              mined=(pos_d2, neg_d2))
 
 
 @jit
 def _hardest_pair(dot, sq_r, sq_c, lab_r, lab_c, row, col, p0, p1):
     """Squared distances (monotone in the distance): positives for max, negatives for min."""
-    d2 = tl.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
+    d2 = nanops.maximum(sq_r + sq_c - 2.0 * dot, 0.0)  # clamp_min keeps NaN
     same = lab_r == lab_c
     return (tl.where(same & (row != col), d2, float("-inf")),
             tl.where(same, float("inf"), d2))
@@ -455,8 +474,9 @@ _mine_kernel = pairwise_reduction(_hardest_pair, ("max", "min"), name="batch_har
 def batch_hard_triton(input, target, margin=1.0, soft_margin=False, eps=1e-12,
                       reduction="mean"):
     _validate_batch_hard(input, target, margin, soft_margin, eps, reduction)
-    (_, pos), (_, neg) = _mine_kernel(input.detach(), row_labels=target)
-    return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction)
+    (pos_d2, pos), (neg_d2, neg) = _mine_kernel(input.detach(), row_labels=target)
+    return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction,
+                              mined=(pos_d2, neg_d2))
 
 
 def batch_labels(case, n: int, per_class: int = 4) -> torch.Tensor:

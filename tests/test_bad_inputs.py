@@ -335,10 +335,6 @@ XFAIL: dict[tuple[str, str, str], str] = {
     ("soft_kmeans", "triton", "nonfinite"): "NaN in x: reference nan, kernel a finite loss",
     ("wcss", "chunked", "nonfinite"): "+inf in x: reference nan (inf - inf), chunked inf",
     ("wcss", "triton", "nonfinite"): "+inf in x: reference nan (inf - inf), kernel inf",
-    ("batch_hard_triplet", "chunked", "nonfinite"): "+inf in input: reference nan in every "
-                                                    "row, chunked 0/inf/nan per row",
-    ("batch_hard_triplet", "triton", "nonfinite"): "NaN in input: reference nan in every "
-                                                   "row, kernel 0 in some rows",
     ("bce_with_logits", "torch", "nonfinite"): "+inf logit: reference nan, torch's "
                                                "built-in inf",
     ("gaussian_nll", "torch", "nonfinite"): "var=+inf: reference nan, torch's built-in inf",

@@ -7,7 +7,8 @@ matrix, as flash attention does for softmax:
 for up to two channels ``c``, each with its own running reduction:
 
 * ``"max"`` / ``"min"``: the extreme value and the column index where it is reached (the
-  first such column on ties, as ``torch.max(dim)`` returns); ``-1`` where every pair of a
+  first such column on ties, as ``torch.max(dim)`` returns; NaN where a pair is NaN, as
+  torch's); ``-1`` where every pair of a
   row was excluded (the pair function returns the reduction's identity, ``-inf`` for
   max and ``+inf`` for min, to exclude a pair);
 * ``"sum"``: the sum over columns;
@@ -59,6 +60,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from . import nanops
+
     @triton.jit
     def _start(BLOCK_M: tl.constexpr, ACC: tl.constexpr, RED: tl.constexpr):
         """The reduction's identity, one per row: -inf (max, logsumexp), inf (min), 0 (sum)."""
@@ -87,15 +90,20 @@ if HAVE_TRITON:
         if RED == 0:
             run_v = run_v + tl.sum(v, axis=1)
         elif RED == 1:
-            tv = tl.max(v, axis=1)
-            ti = tl.argmax(v, axis=1, tie_break_left=True).to(tl.int64) + col0
-            better = tv > run_v  # strict: an earlier column keeps a tie
+            # NaN wins, as in torch.max(dim): the value is NaN, the index the first NaN
+            # (or +inf) column of the tile, and a later tile never replaces a NaN
+            tv = nanops.amax(v, axis=1)
+            ti = tl.argmax(tl.where(v != v, float("inf"), v), axis=1,
+                           tie_break_left=True).to(tl.int64) + col0
+            # strict: an earlier column keeps a tie
+            better = (tv > run_v) | ((tv != tv) & (run_v == run_v))
             run_i = tl.where(better, ti, run_i)
             run_v = tl.where(better, tv, run_v)
         elif RED == 2:
-            tv = tl.min(v, axis=1)
-            ti = tl.argmin(v, axis=1, tie_break_left=True).to(tl.int64) + col0
-            better = tv < run_v
+            tv = nanops.amin(v, axis=1)
+            ti = tl.argmin(tl.where(v != v, float("-inf"), v), axis=1,
+                           tie_break_left=True).to(tl.int64) + col0
+            better = (tv < run_v) | ((tv != tv) & (run_v == run_v))
             run_i = tl.where(better, ti, run_i)
             run_v = tl.where(better, tv, run_v)
         elif RED == 3:
