@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
-from lossreg.kernels import jit, tl
+from lossreg.kernels import jit, nanops, tl
 from lossreg.kernels.pairwise import pairwise_reduction
 from lossreg.kernels.pairwise_grad import pairwise_weighted_sum
 
@@ -106,33 +106,43 @@ class _GatheredSqDistance(torch.autograd.Function):
         return dx, (dc.to(centroids.dtype) if need_c else None), None
 
 
-def wcss_from_indices(x, centroids, idx, reduction):
-    """The loss from each point's chosen centroid: O(n d) work and autograd."""
+def wcss_from_indices(x, centroids, idx, reduction, mined=None):
+    """The loss from each point's chosen centroid: O(n d) work and autograd. ``mined``:
+    each point's mined (Gram-form) minimum; where it is NaN or inf it is the reference's
+    value (inf - inf gives NaN in the Gram form where the direct one gives inf, and a NaN
+    distance wins the minimum): a per-point fix-up, no extra pass."""
     per_point = _GatheredSqDistance.apply(x, centroids, idx)
+    if mined is not None:
+        per_point = torch.where(torch.isfinite(mined), per_point,
+                                mined.to(per_point.dtype))
     return reduce_loss(per_point, reduction).to(x.dtype)
 
 
 @torch.no_grad()
-def nearest_chunked(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def nearest_chunked(x: torch.Tensor, centroids: torch.Tensor, values: bool = False):
     """Index of each point's nearest centroid (first on ties), ``chunk`` rows at a time:
-    the same clamped Gram-form distances as the reference, never n x K at once."""
+    the same clamped Gram-form distances as the reference, never n x K at once. With
+    ``values``, (minimum squared distances, indices), NaN where the reference's is."""
     x, c = work(x.detach()), work(centroids.detach())
     sq_c = (c * c).sum(dim=1)
     idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dmin = torch.empty(x.shape[0], dtype=c.dtype, device=x.device)
     rows = _chunk_rows(c.shape[0])
     for s in range(0, x.shape[0], rows):
-        idx[s:s + rows] = _chunk_sq_distances(x[s:s + rows], c, sq_c).argmin(dim=1)
-    return idx
+        torch.min(_chunk_sq_distances(x[s:s + rows], c, sq_c), dim=1,
+                  out=(dmin[s:s + rows], idx[s:s + rows]))
+    return (dmin, idx) if values else idx
 
 
 def wcss_chunked(x, centroids, reduction="sum"):
     _validate("wcss", x, centroids, reduction)
-    return wcss_from_indices(x, centroids, nearest_chunked(x, centroids), reduction)
+    dmin, idx = nearest_chunked(x, centroids, values=True)
+    return wcss_from_indices(x, centroids, idx, reduction, mined=dmin)
 
 
 @jit
 def _sq_distance_pair(dot, sq_r, sq_c, lab_r, lab_c, row, col, p0, p1):
-    d2 = tl.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
+    d2 = nanops.maximum(sq_r + sq_c - 2.0 * dot, 0.0)  # clamp_min keeps NaN
     return d2, d2
 
 
@@ -142,8 +152,8 @@ _nearest_kernel = pairwise_reduction(_sq_distance_pair, ("min",), name="kmeans_n
 
 def wcss_triton(x, centroids, reduction="sum"):
     _validate("wcss", x, centroids, reduction)
-    [(_, idx)] = _nearest_kernel(x.detach(), centroids.detach())
-    return wcss_from_indices(x, centroids, idx, reduction)
+    [(dmin, idx)] = _nearest_kernel(x.detach(), centroids.detach())
+    return wcss_from_indices(x, centroids, idx, reduction, mined=dmin)
 
 
 # ---------------------------------------------------------------- soft_kmeans

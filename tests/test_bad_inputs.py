@@ -333,8 +333,6 @@ def cpu_impls(spec: LossSpec):
 #: of NaN/inf (or of an empty batch), not validation: the reference's value is quoted.
 XFAIL: dict[tuple[str, str, str], str] = {
     ("soft_kmeans", "triton", "nonfinite"): "NaN in x: reference nan, kernel a finite loss",
-    ("wcss", "chunked", "nonfinite"): "+inf in x: reference nan (inf - inf), chunked inf",
-    ("wcss", "triton", "nonfinite"): "+inf in x: reference nan (inf - inf), kernel inf",
     ("bce_with_logits", "torch", "nonfinite"): "+inf logit: reference nan, torch's "
                                                "built-in inf",
     ("gaussian_nll", "torch", "nonfinite"): "var=+inf: reference nan, torch's built-in inf",
