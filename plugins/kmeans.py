@@ -220,8 +220,9 @@ def soft_kmeans_chunked(x, centroids, tau=1.0, reduction="mean"):
 
 @jit
 def _softmin_stats(dot, sq_r, sq_c, lab_r, lab_c, row, col, r0, r1, r2, r3, p0, p1, p2, p3):
-    """r0 the row's minimum distance, p0 tau: e = exp(-(D - min) / tau) and e D."""
-    d2 = tl.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
+    """r0 the row's minimum distance, p0 tau: e = exp(-(D - min) / tau) and e D (NaN
+    rows stay NaN: the clamp keeps NaN as the reference's clamp_min, and so does r0)."""
+    d2 = nanops.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
     e = tl.exp((r0 - d2) / p0)
     return e, e * d2
 
@@ -230,7 +231,7 @@ def _softmin_stats(dot, sq_r, sq_c, lab_r, lab_c, row, col, r0, r1, r2, r3, p0, 
 def _softmin_grad(dot, sq_r, sq_c, lab_r, lab_c, row, col, r0, r1, r2, r3, p0, p1, p2, p3):
     """r0 min distance, r1 1 / normaliser, r2 the row's loss L, r3 its incoming
     gradient, p0 tau: w = g a (1 - (D - L) / tau) (0 where a underflows)."""
-    d2 = tl.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
+    d2 = nanops.maximum(sq_r + sq_c - 2.0 * dot, 0.0)
     a = tl.exp((r0 - d2) / p0) * r1
     w = tl.where(a > 0.0, r3 * a * (1.0 - (d2 - r2) / p0), 0.0)
     return w, w

@@ -332,7 +332,6 @@ def cpu_impls(spec: LossSpec):
 #: (loss, impl, group) -> why it cannot pass yet (strict: it must fail). All are numerics
 #: of NaN/inf (or of an empty batch), not validation: the reference's value is quoted.
 XFAIL: dict[tuple[str, str, str], str] = {
-    ("soft_kmeans", "triton", "nonfinite"): "NaN in x: reference nan, kernel a finite loss",
     ("bce_with_logits", "torch", "nonfinite"): "+inf logit: reference nan, torch's "
                                                "built-in inf",
     ("gaussian_nll", "torch", "nonfinite"): "var=+inf: reference nan, torch's built-in inf",
