@@ -33,3 +33,8 @@ if HAVE_TRITON:
     def amin(x, axis):
         """Minimum along ``axis``, NaN where a reduced element is NaN (torch.amin)."""
         return tl.reduce(x, axis, minimum)
+
+    @jit
+    def isnan(x):
+        """True where ``x`` is NaN (the only value unequal to itself)."""
+        return x != x  # noqa: PLR0124

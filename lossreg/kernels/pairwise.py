@@ -93,17 +93,17 @@ if HAVE_TRITON:
             # NaN wins, as in torch.max(dim): the value is NaN, the index the first NaN
             # (or +inf) column of the tile, and a later tile never replaces a NaN
             tv = nanops.amax(v, axis=1)
-            ti = tl.argmax(tl.where(v != v, float("inf"), v), axis=1,
+            ti = tl.argmax(tl.where(nanops.isnan(v), float("inf"), v), axis=1,
                            tie_break_left=True).to(tl.int64) + col0
             # strict: an earlier column keeps a tie
-            better = (tv > run_v) | ((tv != tv) & (run_v == run_v))
+            better = (tv > run_v) | (nanops.isnan(tv) & ~nanops.isnan(run_v))
             run_i = tl.where(better, ti, run_i)
             run_v = tl.where(better, tv, run_v)
         elif RED == 2:
             tv = nanops.amin(v, axis=1)
-            ti = tl.argmin(tl.where(v != v, float("-inf"), v), axis=1,
+            ti = tl.argmin(tl.where(nanops.isnan(v), float("-inf"), v), axis=1,
                            tie_break_left=True).to(tl.int64) + col0
-            better = (tv < run_v) | ((tv != tv) & (run_v == run_v))
+            better = (tv < run_v) | (nanops.isnan(tv) & ~nanops.isnan(run_v))
             run_i = tl.where(better, ti, run_i)
             run_v = tl.where(better, tv, run_v)
         elif RED == 3:
