@@ -42,6 +42,9 @@ def ce_rows_torch_(logits, target, ignore_index=-100, label_smoothing=0.0, z_los
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros_like(target))
     lse = torch.logsumexp(logits, dim=1)
+    # a +inf logit: torch.logsumexp gives inf, the reference's log_softmax (x - max) and
+    # the Triton kernel NaN; finite logits never reach inf (lse <= max + log V)
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))
     loss = lse - logits.gather(1, y[:, None]).squeeze(1)
     if label_smoothing:
         loss = (1 - label_smoothing) * loss + label_smoothing / n_cls * (
