@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lossreg
+from lossreg.harness import runnable
 from lossreg.kernels import HAVE_TRITON, interpreting
 from lossreg.spec import Case
 from lossreg_plugins.transformers import contrastive, linear_ce
@@ -19,8 +20,10 @@ needs_triton = pytest.mark.skipif(not HAVE_TRITON or not (interpreting() or
 
 
 def impls(loss):
+    # what can run on this machine (a peer library that is not installed cannot)
     names = [n for n, i in lossreg.get(loss).implementations.items()
-             if n not in ("compile", "reference")]
+             if n not in ("compile", "reference") and not i.missing_requirements()
+             and (i.backend == "triton" or runnable(i, "cpu", "float32") is None)]
     return [pytest.param(n, marks=needs_triton) if n == "triton" else n for n in names]
 
 
