@@ -194,7 +194,12 @@ def _specs():
                  r"(1-\beta)\,\mathrm{KL}(q\|m)],\ m = \beta p + (1-\beta) q)"),
         description="Distillation of student logits s towards teacher logits t over the "
                     "vocabulary, per row, mean over rows (batchmean). The teacher gets no "
-                    "gradient.",
+                    "gradient. float32 rtol 1e-4 (not 1e-5): the divergence is a small "
+                    "difference of log-probabilities of size ~log V, whose float32 rounding "
+                    "(~eps log V per row, one-signed after the batch mean) is 3.9e-5 of a "
+                    "JSD with beta 0.9, T = 2 at V = 32000 in the float32 reference itself "
+                    "and in F.kl_div (CPU run 20261126T155312Z).",
+        tolerances={"float32": (1e-4, 5e-7)},
         citation="Hinton et al. (2015); Agarwal et al. (2024) GKD for the generalized JSD",
         reference=distill.kl_reference, make_inputs=distill.make_kl_inputs,
         options={"temperature": 1.0, "direction": "forward", "beta": 0.5, "reduction": "mean"},
