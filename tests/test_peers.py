@@ -239,7 +239,7 @@ def test_plugin_loads_and_registers_baselines():
     assert info.status == "loaded", info.error
     assert not info.warnings
     assert info.value == "lossreg_plugins.peers"
-    assert sorted(info.implementations) == sorted(f"{l}:{i}" for l, i in PEER_IMPLS)
+    assert sorted(info.implementations) == sorted(f"{loss}:{i}" for loss, i in PEER_IMPLS)
     for (loss, name), module in PEER_IMPLS.items():
         impl = reg.get(loss).implementations[name]
         assert impl.kind == "baseline" and impl.plugin == "peers"

@@ -176,7 +176,7 @@ class _FusedDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, temperature, direction, beta, reduction, engine):
-        n, v = hs.shape[0], ws.shape[0]
+        n = hs.shape[0]
         # max(n, 1): no rows gives torch's empty mean (0 / 0 = nan below), not an error
         scale = torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
                            device=hs.device)
