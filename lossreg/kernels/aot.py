@@ -68,8 +68,16 @@ def _compile(triton, source, target, options) -> tuple[object, str]:
     cubin (TRITON_DUMP_PTXAS_LOG prints it): reading registers and spills from it saves
     running ptxas a second time, a fifth of the whole compile time."""
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        compiled = triton.compile(source, target=target, options=options)
+    before = os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    try:
+        with contextlib.redirect_stdout(buf):
+            compiled = triton.compile(source, target=target, options=options)
+    finally:  # scoped: later compiles in this process do not print ptxas logs
+        if before is None:
+            del os.environ["TRITON_DUMP_PTXAS_LOG"]
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = before
     return compiled, buf.getvalue()
 
 
@@ -82,7 +90,6 @@ def compile_all(archs=(80, 90), dtypes=DTYPES) -> list[dict]:
     from lossreg.registry import default_registry
 
     default_registry()  # imports every plugin, which defines its kernels
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # see _compile
     report = []
     for inst in template_instances():
         for dtype in dtypes:
