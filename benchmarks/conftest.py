@@ -124,16 +124,16 @@ class LossregSession:
                peak_bytes: int | None) -> None:
         """One throughput row from a benchmark's round times (seconds, one call each)."""
         spec, impl = case.task.spec, case.task.impl
-        ms = sorted(s * 1e3 for s in seconds)
-        t = measure._quantile(ms, 0.5)
+        timing = measure.Timing.of([s * 1e3 for s in seconds])
+        t = timing.median_ms
         nbytes, flops = spec.model("bytes", inputs, case.mode), spec.model("flops", inputs,
                                                                              case.mode)
         self.rows.append(self._row(
             case, status="ok",
             message="gradient computed in the forward" if (impl.grad_in_forward
                                                             and case.mode == "backward") else None,
-            time_ms=t, time_ms_p20=measure._quantile(ms, 0.2),
-            time_ms_p80=measure._quantile(ms, 0.8), repeats=len(ms), peak_bytes=peak_bytes,
+            time_ms=t, time_ms_p20=timing.p20_ms, time_ms_p80=timing.p80_ms,
+            repeats=timing.repeats, peak_bytes=peak_bytes,
             gbps=nbytes / (t * 1e-3) / 1e9 if nbytes and t > 0 else None,
             tflops=flops / (t * 1e-3) / 1e12 if flops and t > 0 else None,
         ))

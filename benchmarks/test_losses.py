@@ -19,44 +19,6 @@ from lossreg.spec import DTYPES, Case
 MAX_ROUNDS = 10_000
 
 
-def throughput_runs(spec, impl, case: Case, options: dict):
-    """``(inputs, {mode: run})`` built as `lossreg.harness.measure_throughput` builds
-    them: several input sets to rotate between (so caches don't flatter small sizes),
-    and ``run(i)`` that does round i's untimed set-up (the forward pass, before timing
-    a backward) and returns the callable to time. backward and full exist only where
-    some input takes a gradient."""
-    device = case.device
-    first = spec.make_inputs(case)
-    sets = [first] + [
-        spec.make_inputs(Case(case.n, case.dtype, device, seed=case.seed + 1 + i,
-                              params=case.params))
-        for i in range(harness._n_input_sets(first, device) - 1)
-    ]
-    names = spec.grad_names(first)
-    leaves = [{k: (v.detach().requires_grad_(True) if k in names else v) for k, v in s.items()}
-              for s in sets]
-
-    def call(i):
-        return impl.fn(**leaves[i % len(leaves)], **options)
-
-    def grads(out, i):
-        return torch.autograd.grad(out, [leaves[i % len(leaves)][k] for k in names],
-                                   torch.ones_like(out))
-
-    def fwd(i):
-        return lambda: call(i)
-
-    def bwd(i):
-        out = call(i)
-        return lambda: grads(out, i)
-
-    def full(i):
-        return lambda: grads(call(i), i)
-
-    return first, ({"forward": fwd, "backward": bwd, "full": full} if names
-                   else {"forward": fwd})
-
-
 def _warm_up(run, device: str, calls: int) -> float:
     """Run `calls` untimed rounds; the last one's seconds estimate a round."""
     elapsed = 0.0
@@ -85,7 +47,7 @@ def test_throughput(benchmark, lossreg_case, lossreg_session, pytestconfig):
         pytest.skip(case.skip)
     try:
         options = dict(spec.options)
-        inputs, runs = throughput_runs(spec, impl, Case(
+        inputs, runs = harness.throughput_runs(spec, impl, Case(
             task.n, DTYPES[task.dtype], device, seed=100,
             params=spec.case_params(task.preset, options)), options)
         run = runs.get(case.mode)

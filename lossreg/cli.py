@@ -220,10 +220,13 @@ def _progress_printer():
 @click.option("--sizes", default="default", show_default=True, help="quick, default or large")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@click.option("--rounds", type=click.IntRange(min=1),
+              help="timing rounds per case, spread over the run so that drift of the "
+                   "machine's speed averages out  [default: 5]")
 @_friendly
-def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout):
+def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout, rounds):
     """Checks plus forward/backward/full timings and memory, written as Parquet."""
-    from .harness import execute
+    from .harness import DEFAULT_ROUNDS, execute
     from .plots import plot_run
 
     names = _names(names)
@@ -236,7 +239,8 @@ def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout):
     try:
         df, writer = execute(names, device=_device(device), dtypes=dtypes or None,
                              impls=impls or None, sizes=sizes, out=out, throughput=True,
-                             progress=progress, case_timeout=timeout)
+                             progress=progress, case_timeout=timeout,
+                             rounds=rounds or DEFAULT_ROUNDS)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     if progress:

@@ -37,6 +37,7 @@ SEEDS = (0, 1, 2)
 CHECK_BYTES_MAX = 4 << 30
 #: ... and where the float64 reference's modelled fwd+bwd flops stay under this.
 CHECK_FLOPS_MAX = {"cpu": 1e11, "cuda": 1e14}
+DEFAULT_ROUNDS = 5  # timing rounds per case in `bench` (see `run_rounds`)
 ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
 INTERPRETER_BENCH_SKIP = ("Triton on CPU runs under the interpreter: checked by `lossreg check` "
@@ -352,8 +353,12 @@ def _n_input_sets(inputs: dict, device: str) -> int:
     return int(min(8, max(2, math.ceil(target / max(size, 1)))))
 
 
-def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict) -> dict[str, dict]:
-    """forward / backward / full timings and peak memory, rotating between input sets."""
+def throughput_runs(spec: LossSpec, impl: Impl, case: Case, options: dict):
+    """``(first inputs, {mode: run})`` for timing one case: several input sets to rotate
+    between (so caches don't flatter small sizes), and ``run(i)`` that does call i's
+    untimed set-up (the forward pass, before timing a backward) and returns the callable
+    to time. backward and full exist only where some input takes a gradient. The
+    pytest-benchmark suite builds its cases with this too."""
     device = case.device
     first = spec.make_inputs(case)
     sets = [first] + [
@@ -364,39 +369,58 @@ def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict) ->
     names = spec.grad_names(first)
     leaves = [{k: (v.detach().requires_grad_(True) if k in names else v) for k, v in s.items()}
               for s in sets]
-    budget = 0.3 if measure.device_type(device) == "cpu" else 0.15
-    warmup = 3 if impl.backend in ("compile", "triton") else 2
 
-    def fwd(i):
-        return lambda: impl.fn(**leaves[i % len(leaves)], **options)
+    def call(i):
+        return impl.fn(**leaves[i % len(leaves)], **options)
 
     def grads(out, i):
         return torch.autograd.grad(out, [leaves[i % len(leaves)][k] for k in names],
-                                   torch.ones_like(out)) if names else None
+                                   torch.ones_like(out))
+
+    def fwd(i):
+        return lambda: call(i)
 
     def bwd(i):
-        out = impl.fn(**leaves[i % len(leaves)], **options)
+        out = call(i)
         return lambda: grads(out, i)
 
     def full(i):
-        return lambda: grads(impl.fn(**leaves[i % len(leaves)], **options), i)
+        return lambda: grads(call(i), i)
 
+    return first, ({"forward": fwd, "backward": bwd, "full": full} if names
+                   else {"forward": fwd})
+
+
+def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict,
+                       rounds: int = 1) -> dict[str, dict]:
+    """The first timing round of a case: forward / backward / full samples and peak memory.
+
+    The time budget per mode is split over ``rounds``; `retime` runs the later rounds
+    with the same number of repeats, so each round weighs the same in the median."""
+    device = case.device
+    first, runs = throughput_runs(spec, impl, case, options)
+    budget = (0.3 if measure.device_type(device) == "cpu" else 0.15) / rounds
+    warmup = 3 if impl.backend in ("compile", "triton") else 2
     results: dict[str, dict] = {}
-    modes = {"forward": fwd, "backward": bwd, "full": full} if names else {"forward": fwd}
-    for mode, run in modes.items():
-        t = measure.time_calls(device, run, budget_s=budget, warmup=warmup)
-        if mode == "backward":
-            out = impl.fn(**leaves[0], **options)
-            peak = measure.peak_bytes(device, lambda: grads(out, 0))
-            del out
-        else:
-            peak = measure.peak_bytes(device, run(0))
+    for mode, run in runs.items():
+        t = measure.time_calls(device, run, budget_s=budget, warmup=warmup,
+                               min_repeats=max(1, math.ceil(5 / rounds)))
         results[mode] = {
-            "time_ms": t.median_ms, "time_ms_p20": t.p20_ms, "time_ms_p80": t.p80_ms,
-            "repeats": t.repeats, "peak_bytes": peak,
+            # run(0) does backward's forward before peak_bytes starts: only the timed call counts
+            "samples": t.samples, "peak_bytes": measure.peak_bytes(device, run(0)),
             "bytes": spec.model("bytes", first, mode), "flops": spec.model("flops", first, mode),
         }
     return results
+
+
+def retime(spec: LossSpec, impl: Impl, case: Case, options: dict,
+           repeats: dict[str, int], warmup: dict[str, int]) -> dict[str, list[float]]:
+    """A later timing round of a case: fresh inputs, ``warmup[mode]`` untimed calls,
+    then ``repeats[mode]`` samples per mode."""
+    _, runs = throughput_runs(spec, impl, case, options)
+    return {mode: measure.time_calls(case.device, runs[mode], warmup=warmup[mode],
+                                     repeats=n).samples
+            for mode, n in repeats.items()}
 
 
 # ---------------------------------------------------------------- running
@@ -413,6 +437,8 @@ class RunState:
     rows: list[dict] = field(default_factory=list)
     case_timeout: float | None = None
     case_deadline: float | None = None  # monotonic time the current case must end by
+    rounds: int = 1  # timing rounds per throughput case (see `run_rounds`)
+    timed: list["TimedCase"] = field(default_factory=list)
 
     def start_case(self) -> None:
         self.case_deadline = (time.monotonic() + self.case_timeout
@@ -420,6 +446,20 @@ class RunState:
 
     def limit(self):
         return deadline(self.case_deadline, self.case_timeout)
+
+
+@dataclass
+class TimedCase:
+    """A case whose throughput rows are refined by later timing rounds."""
+    task: Task
+    case: Case
+    options: dict
+    rows: dict[str, dict]  # mode -> its row (the same dict as in RunState.rows)
+    samples: dict[str, list[float]]
+    models: dict[str, tuple]  # mode -> (bytes, flops) from the spec's models
+    repeats: dict[str, int]  # samples per round, fixed by the first
+    warmup: dict[str, int]
+    rounds: int = 1
 
 
 def _base_row(state: RunState, task: Task, params: dict) -> dict:
@@ -564,32 +604,100 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
         case = Case(task.n, DTYPES[task.dtype], state.device, seed=100,
                     params=spec.case_params(task.preset, options))
         with state.limit():
-            measured = measure_throughput(spec, impl, case, options)
+            measured = measure_throughput(spec, impl, case, options, rounds=state.rounds)
     except Exception as exc:  # noqa: BLE001
         row = _base_row(state, task, options)
         row.update(check="throughput", mode="full", status="error", message=_error_message(exc))
         recover_memory(exc)
         return [row]
+    by_mode = {}
     for mode, m in measured.items():
         row = _base_row(state, task, options)
-        t = m["time_ms"]
-        key = (spec.name, task.dtype, task.n, mode)
-        if impl.kind == "reference":
-            state.ref_times[key] = t
-        gbps = m["bytes"] / (t * 1e-3) / 1e9 if m["bytes"] and t > 0 else None
         row.update(
             check="throughput", mode=mode, status="ok",
             message="gradient computed in the forward" if (impl.grad_in_forward
                                                             and mode == "backward") else None,
-            time_ms=t, time_ms_p20=m["time_ms_p20"], time_ms_p80=m["time_ms_p80"],
-            repeats=m["repeats"], peak_bytes=m["peak_bytes"], gbps=gbps,
-            tflops=m["flops"] / (t * 1e-3) / 1e12 if m["flops"] and t > 0 else None,
-            speedup=(state.ref_times[key] / t) if key in state.ref_times and t > 0 else None,
-            peak_gbps=state.peak_gbps,
-            bw_fraction=(gbps / state.peak_gbps) if gbps and state.peak_gbps else None,
+            peak_bytes=m["peak_bytes"], peak_gbps=state.peak_gbps,
         )
+        _set_timing(state, row, m["samples"], 1, (m["bytes"], m["flops"]))
         rows.append(row)
+        by_mode[mode] = row
+    if state.rounds > 1:
+        samples = {mode: list(m["samples"]) for mode, m in measured.items()}
+        state.timed.append(TimedCase(
+            task, case, options, by_mode, samples,
+            models={mode: (m["bytes"], m["flops"]) for mode, m in measured.items()},
+            repeats={mode: len(v) for mode, v in samples.items()},
+            # a call of over a second dwarfs a cold start: no warm-up call in later rounds
+            warmup={mode: 0 if min(v) > 1e3 else 1 for mode, v in samples.items()}))
     return rows
+
+
+def _set_timing(state: RunState, row: dict, samples: list[float], rounds: int,
+                model: tuple) -> None:
+    """Fill a throughput row's time columns from its samples, and what derives from them:
+    GB/s and TFLOP/s from the spec's models, speedup against the reference's row."""
+    t = measure.Timing.of(samples)
+    ms = t.median_ms
+    key = (row["loss"], row["dtype"], row["n"], row["mode"])
+    if row["impl_kind"] == "reference":
+        state.ref_times[key] = ms
+    nbytes, flops = model
+    gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes and ms > 0 else None
+    row.update(
+        time_ms=ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, repeats=t.repeats,
+        rounds=rounds, gbps=gbps,
+        tflops=flops / (ms * 1e-3) / 1e12 if flops and ms > 0 else None,
+        speedup=(state.ref_times[key] / ms) if key in state.ref_times and ms > 0 else None,
+        bw_fraction=(gbps / state.peak_gbps) if gbps and state.peak_gbps else None,
+    )
+
+
+def run_rounds(state: RunState, progress: ProgressFn | None = None) -> None:
+    """Timing rounds 2..R: every case measured in the first pass is timed again, one round
+    through all of them at a time (alternating direction), and its rows are recomputed
+    from the samples of all rounds.
+
+    Why: on a shared machine the speed drifts over seconds to minutes. Timed in one
+    block, a case takes whatever state the machine was in at that moment, and two runs
+    of one commit disagree by more than either run's p20-p80 band. Spread over the run,
+    each case's median sees the same mix of states as every other case's, and its band
+    shows the drift. A round that fails or times out ends that case's rounds; the rows
+    keep the rounds done, counted in ``rounds``."""
+    cases = state.timed
+    total = len(cases) * (state.rounds - 1)
+    done = 0
+    for r in range(2, state.rounds + 1):
+        order = cases if r % 2 else cases[::-1]
+        for tc in order:
+            if tc.rounds < r - 1:  # an earlier round of this case failed
+                continue
+            task = tc.task
+            if progress:
+                progress(done, total, f"timing round {r}/{state.rounds}: {task.spec.name} "
+                         f"{task.impl.name} {task.dtype} {task.spec.x_name}={task.n}")
+            done += 1
+            state.start_case()
+            try:
+                with state.limit():
+                    more = retime(task.spec, task.impl, tc.case, tc.options, tc.repeats,
+                                  tc.warmup)
+            except Exception as exc:  # noqa: BLE001
+                note = f"timing round {r} failed, rows keep rounds 1-{r - 1}: " \
+                       f"{_error_message(exc)}"
+                for row in tc.rows.values():
+                    row["message"] = "; ".join(filter(None, [row["message"], note]))
+                recover_memory(exc)
+                continue
+            for mode, xs in more.items():
+                tc.samples[mode].extend(xs)
+            tc.rounds = r
+    # references first, so every row's speedup uses its reference's final median
+    for tc in sorted(cases, key=lambda c: c.task.impl.kind != "reference"):
+        for mode, row in tc.rows.items():
+            _set_timing(state, row, tc.samples[mode], tc.rounds, tc.models[mode])
+    if progress and total:
+        progress(total, total, "timing rounds done")
 
 
 def _skipped_rows(state: RunState, task: Task, reason: str, checks: Iterable[str]) -> list[dict]:
@@ -608,9 +716,13 @@ def execute(
     dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
     sizes: str = "quick", throughput: bool = False, out: str | Path | None = None,
     registry: Registry | None = None, progress: ProgressFn | None = None,
-    case_timeout: float | None = None,
+    case_timeout: float | None = None, rounds: int = 1,
 ):
     """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None).
+
+    ``rounds`` (with ``throughput``) splits each case's timing into that many rounds
+    spread over the run (`run_rounds`); the throughput rows are written after the first
+    and rewritten, with all rounds' samples, when the run is consolidated.
 
     ``case_timeout`` (seconds) bounds each loss x impl x dtype x size case: past it
     the step running becomes an ``error`` row, the case's remaining steps too, and
@@ -627,7 +739,9 @@ def execute(
     if case_timeout is not None and not case_timeout > 0:
         raise HarnessError(f"case_timeout must be a positive number of seconds, "
                            f"got {case_timeout!r}")
-    state = RunState(context, device, writer, case_timeout=case_timeout)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise HarnessError(f"rounds must be a whole number of at least 1, got {rounds!r}")
+    state = RunState(context, device, writer, case_timeout=case_timeout, rounds=rounds)
     if throughput:
         state.peak_gbps = measure.copy_bandwidth_gbps(device)
     checks = ("correctness", "gradient") + (("throughput",) if throughput else ())
@@ -683,6 +797,10 @@ def execute(
             emit(rows)
         if progress and plan.tasks:
             progress(len(plan.tasks), len(plan.tasks), "done")
+        if state.timed:
+            run_rounds(state, progress)
+        if writer is not None:  # the consolidated run carries the rows of all rounds
+            writer.finish(state.rows)
     except KeyboardInterrupt as exc:
         location = writer.finish() if writer is not None else None
         raise Interrupted(current, i, len(plan.tasks), len(state.rows),
@@ -706,6 +824,7 @@ def bench(names: Sequence[str] | None = None, *, out: str | Path = "results", pl
           **kwargs):
     """Correctness, gradient and throughput rows, written under `out` as the run goes."""
     kwargs.setdefault("sizes", "default")
+    kwargs.setdefault("rounds", DEFAULT_ROUNDS)
     df, writer = execute(names, throughput=True, out=out, **kwargs)
     if plots and len(df):
         from .plots import plot_run

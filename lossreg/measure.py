@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -58,6 +58,13 @@ class Timing:
     p20_ms: float
     p80_ms: float
     repeats: int
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Timing":
+        """Median and p20/p80 of the samples (milliseconds)."""
+        return cls(statistics.median(samples), _quantile(samples, 0.2),
+                   _quantile(samples, 0.8), len(samples), list(samples))
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -75,12 +82,14 @@ def time_calls(
     min_repeats: int = 5,
     max_repeats: int = 200,
     warmup: int = 2,
+    repeats: int | None = None,
 ) -> Timing:
     """Time ``run(i)()`` for rotating i: ``run(i)`` does untimed set-up (e.g. a forward
     pass before timing a backward) and returns the callable to time.
 
     CUDA events on a GPU, a synchronized ``perf_counter`` around each call on a CPU. The number of
-    repeats fills ``budget_s`` after warm-up, within [min_repeats, max_repeats].
+    repeats fills ``budget_s`` after warm-up, within [min_repeats, max_repeats], unless
+    ``repeats`` fixes it (a later timing round of a case repeats the first round's count).
     """
     cuda = device_type(device) == "cuda"
     for i in range(warmup):
@@ -101,10 +110,13 @@ def time_calls(
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    first = once(0)
-    if first > 1e3:  # calls over a second: three samples give a median, and save minutes
-        min_repeats = min(min_repeats, 3)
-    repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
+    if repeats is None:
+        first = once(0)
+        if first > 1e3:  # calls over a second: three samples give a median, and save minutes
+            min_repeats = min(min_repeats, 3)
+        repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
+    elif repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if cuda:
         # Like triton.testing.do_bench: no host sync between repeats, so the host
         # queues work ahead and the events time the GPU, not Python's launch overhead
@@ -122,8 +134,7 @@ def time_calls(
         samples = [s.elapsed_time(e) for s, e in pairs]
     else:
         samples = [once(i) for i in range(1, repeats + 1)]
-    return Timing(statistics.median(samples), _quantile(samples, 0.2),
-                  _quantile(samples, 0.8), repeats)
+    return Timing.of(samples)
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ SCHEMA = pa.schema(
         ("speedup", pa.float64()),
         ("peak_gbps", pa.float64()),
         ("bw_fraction", pa.float64()),
+        ("rounds", pa.int64()),
     ]
 )
 COLUMNS = SCHEMA.names
@@ -110,16 +111,25 @@ class ResultWriter:
         self.parts += 1
         self.rows += len(rows)
 
-    def finish(self) -> Path | None:
+    def finish(self, rows: list[dict] | None = None) -> Path | None:
         """Consolidate the parts into one file; the parts go only once it is in place.
-        Calling it again after that is a no-op."""
+        Calling it again after that is a no-op.
+
+        ``rows``, when given, are every row written, some updated since (later timing
+        rounds refine throughput rows); they replace the parts' copies. Their count must
+        match what was written: a consolidation never drops a row."""
         if not self.parts:
             return None
         if self.final.exists() and not self.part_dir.exists():
             return self.final
-        table = pa.concat_tables(
-            pq.read_table(p, schema=SCHEMA) for p in sorted(self.part_dir.glob("part-*.parquet"))
-        )
+        if rows is not None:
+            if len(rows) != self.rows:
+                raise ValueError(f"finish() got {len(rows)} rows, {self.rows} were written")
+            table = to_table(rows)
+        else:
+            table = pa.concat_tables(
+                pq.read_table(p, schema=SCHEMA)
+                for p in sorted(self.part_dir.glob("part-*.parquet")))
         write_atomic(table, self.final)
         trash = self.out / f"_{self.run_id}.parts-done"
         os.replace(self.part_dir, trash)
