@@ -100,6 +100,8 @@ class LossregSession:
                 "xdist (add -p no:xdist or -n 0)")
         modes = [m for m in MODES if m in opt("lossreg_mode")] or list(MODES)
         cpu = measure.device_type(device) == "cpu"
+        if cpu:  # as `lossreg bench`: the same allocator path in every session
+            measure.steady_cpu_allocator()
         tasks = [(t, harness.INTERPRETER_BENCH_SKIP if cpu and t.impl.backend == "triton"
                   else None) for t in plan.tasks] + plan.skipped
         order = {name: i for i, name in enumerate(dict.fromkeys(t.spec.name for t, _ in tasks))}

@@ -743,6 +743,8 @@ def execute(
         raise HarnessError(f"rounds must be a whole number of at least 1, got {rounds!r}")
     state = RunState(context, device, writer, case_timeout=case_timeout, rounds=rounds)
     if throughput:
+        if measure.device_type(device) == "cpu":
+            measure.steady_cpu_allocator()
         state.peak_gbps = measure.copy_bandwidth_gbps(device)
     checks = ("correctness", "gradient") + (("throughput",) if throughput else ())
 
