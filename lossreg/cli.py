@@ -318,7 +318,7 @@ def compare(base, new, threshold, fmt):
     """Ratio of median times NEW/BASE per loss/impl/dtype/n/mode/device; exit 1 on a
     regression past the threshold (outside the p20-p80 noise band)."""
     from .compare import compare as do_compare
-    from .compare import format_table, parse_threshold
+    from .compare import describe_runs, format_table, parse_threshold
 
     if fmt not in ("text", "markdown"):
         raise Bad(f"unknown format {fmt!r}: expected text or markdown")
@@ -326,7 +326,11 @@ def compare(base, new, threshold, fmt):
         thr = parse_threshold(threshold)
     except ValueError as exc:
         raise Bad(str(exc)) from None
-    table = do_compare(_load(base), _load(new), thr)
+    base_df, new_df = _load(base), _load(new)
+    table = do_compare(base_df, new_df, thr)
+    if fmt == "text":
+        for side, df in (("base", base_df), ("new", new_df)):
+            click.echo("\n".join(f"{side}: {line}" for line in describe_runs(df).splitlines()))
     click.echo(format_table(table, fmt))
     sys.exit(1 if (table["verdict"] == "regression").any() else 0)
 

@@ -43,6 +43,26 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, threshold: float = 0.05) -> p
     return joined.sort_values(["verdict", "ratio"], ascending=[True, False])
 
 
+def describe_runs(df: pd.DataFrame) -> str:
+    """One line per run in a result set: id, commit, device, timing rounds and the copy
+    bandwidth measured at its start (a machine busier in one run shows there first)."""
+    t = df[(df["check"] == "throughput") & (df["status"] == "ok")]
+    if t.empty:
+        return "(no timed rows)"
+    lines = []
+    for run_id, g in t.groupby("run_id", sort=True):
+        commit = g["git_commit"].dropna()
+        rounds = g["rounds"].dropna() if "rounds" in g else pd.Series(dtype=float)
+        gbps = g["peak_gbps"].dropna()
+        lines.append(
+            f"run {run_id}, commit {commit.iloc[0][:10] if len(commit) else '?'}, "
+            f"{g['device_name'].iloc[0]}, "
+            + (f"{int(rounds.max())} timing rounds" if len(rounds) else
+               "timed in one block per case (no rounds)")
+            + (f", copy {gbps.iloc[0]:.1f} GB/s" if len(gbps) else ""))
+    return "\n".join(lines)
+
+
 def summary_line(table: pd.DataFrame) -> str:
     counts = table["verdict"].value_counts()
     return (f"{counts.get('regression', 0)} regressions, {counts.get('improvement', 0)} "

@@ -139,6 +139,9 @@ def test_compare_detects_regression(run, tmp_path):
     slow.to_parquet(new / "slow.parquet")
     r = run("compare", str(base), str(new), "--threshold", "5%")
     assert r.exit_code == 1
+    head = r.output.splitlines()[:2]
+    assert head[0].startswith("base: run ") and head[1].startswith("new: run ")
+    assert all("5 timing rounds" in h and "GB/s" in h for h in head), head
     assert "regression" in r.output and "0 improvements" in r.output
     r = run("compare", str(new), str(base))
     assert r.exit_code == 0 and "0 regressions" in r.output and "improvement" in r.output

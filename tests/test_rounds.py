@@ -1,8 +1,10 @@
-"""Timing rounds: `lossreg bench` times every case again in later rounds spread over the
-run, and the rows it keeps are computed from the samples of all rounds."""
+"""What keeps two `lossreg bench` runs of one commit in agreement: timing rounds (every
+case timed again in later rounds spread over the run, its rows computed from the
+samples of all rounds) and, on a CPU, one fixed malloc path."""
 
 from __future__ import annotations
 
+import platform
 import time
 
 import pandas as pd
@@ -144,3 +146,18 @@ def test_cli_rejects_zero_rounds(tmp_path):
                                     "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--rounds" in res.output
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_malloc_thresholds_are_accepted_on_glibc():
+    # mallopt refuses a threshold over glibc's maximum: this fails if ours is one
+    assert measure.steady_cpu_allocator() is (platform.system() == "Linux"
+                                              and platform.libc_ver()[0] == "glibc")
+
+
+def test_bench_on_cpu_fixes_the_allocator_and_check_leaves_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(measure, "steady_cpu_allocator", lambda: calls.append(1) or True)
+    execute(["sq"], device="cpu", registry=_registry(), throughput=False)
+    assert calls == []
+    execute(["sq"], device="cpu", registry=_registry(), throughput=True, rounds=1)
+    assert calls == [1]
