@@ -313,8 +313,12 @@ def plot(results, out):
               help="slowdown that counts as a regression, e.g. 5% or 0.05")
 @click.option("--format", "fmt", default="text", show_default=True,
               help="text or markdown")
+@click.option("--normalize", is_flag=True,
+              help="divide NEW by the run-wide median ratio first, for a machine whose "
+                   "overall speed differs between the runs (hides a change that slowed "
+                   "most rows alike)")
 @_friendly
-def compare(base, new, threshold, fmt):
+def compare(base, new, threshold, fmt, normalize):
     """Ratio of median times NEW/BASE per loss/impl/dtype/n/mode/device; exit 1 on a
     regression past the threshold (outside the p20-p80 noise band)."""
     from .compare import compare as do_compare
@@ -327,11 +331,18 @@ def compare(base, new, threshold, fmt):
     except ValueError as exc:
         raise Bad(str(exc)) from None
     base_df, new_df = _load(base), _load(new)
-    table = do_compare(base_df, new_df, thr)
+    try:
+        table = do_compare(base_df, new_df, thr, normalize=normalize)
+    except ValueError as exc:
+        raise Bad(str(exc)) from None
     if fmt == "text":
         for side, df in (("base", base_df), ("new", new_df)):
             click.echo("\n".join(f"{side}: {line}" for line in describe_runs(df).splitlines()))
     click.echo(format_table(table, fmt))
+    shift = table.attrs["shift"]
+    if fmt == "text" and not normalize and abs(shift - 1) > thr:
+        click.echo(f"note: the rows moved together (median ratio {shift:.3f}); if the machine "
+                   "was busier in one run, --normalize judges rows against that shift")
     sys.exit(1 if (table["verdict"] == "regression").any() else 0)
 
 

@@ -3,6 +3,11 @@
 Rows join on loss/impl/dtype/n/mode/device_name. A row regressed when its median
 time grew past the threshold *and* its p20-p80 range does not overlap the base's:
 a change inside the noise band is not a regression.
+
+With ``normalize``, every NEW time is first divided by the run-wide shift (the median
+ratio over all joined rows): on a machine whose overall speed differs between two runs,
+rows are judged against what moved with everything else. That hides a change that
+slowed most rows alike, so it is opt-in, and the shift is always reported.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 KEYS = ["loss", "impl", "dtype", "n", "mode", "device_name"]
+MIN_ROWS_TO_NORMALIZE = 10  # a median of fewer rows says little about the machine
 
 
 def parse_threshold(text: str | float) -> float:
@@ -29,18 +35,30 @@ def _timings(df: pd.DataFrame) -> pd.DataFrame:
     return t.groupby(KEYS, dropna=False)[["time_ms", "time_ms_p20", "time_ms_p80"]].median()
 
 
-def compare(base: pd.DataFrame, new: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
+def compare(base: pd.DataFrame, new: pd.DataFrame, threshold: float = 0.05,
+            normalize: bool = False) -> pd.DataFrame:
+    """One row per timed case present in both, with ``ratio`` (NEW / BASE median) and
+    ``verdict``. ``table.attrs["shift"]`` is the median ratio over all rows, and
+    ``table.attrs["normalized"]`` whether NEW was divided by it before judging."""
     joined = _timings(base).merge(_timings(new), left_index=True, right_index=True,
                                   suffixes=("_base", "_new"), how="inner")
     joined = joined.reset_index()
-    joined["ratio"] = joined["time_ms_new"] / joined["time_ms_base"]
-    disjoint_slower = joined["time_ms_p20_new"] > joined["time_ms_p80_base"]
-    disjoint_faster = joined["time_ms_p80_new"] < joined["time_ms_p20_base"]
+    raw = joined["time_ms_new"] / joined["time_ms_base"]
+    shift = float(raw.median()) if len(joined) else float("nan")
+    if normalize and len(joined) < MIN_ROWS_TO_NORMALIZE:
+        raise ValueError(f"normalize needs at least {MIN_ROWS_TO_NORMALIZE} rows in common "
+                         f"to estimate the run-wide shift, got {len(joined)}")
+    scale = shift if normalize else 1.0
+    joined["ratio"] = raw / scale
+    disjoint_slower = joined["time_ms_p20_new"] / scale > joined["time_ms_p80_base"]
+    disjoint_faster = joined["time_ms_p80_new"] / scale < joined["time_ms_p20_base"]
     verdict = pd.Series("unchanged", index=joined.index)
     verdict[(joined["ratio"] > 1 + threshold) & disjoint_slower] = "regression"
     verdict[(joined["ratio"] < 1 / (1 + threshold)) & disjoint_faster] = "improvement"
     joined["verdict"] = verdict
-    return joined.sort_values(["verdict", "ratio"], ascending=[True, False])
+    table = joined.sort_values(["verdict", "ratio"], ascending=[True, False])
+    table.attrs.update(shift=shift, normalized=normalize)
+    return table
 
 
 def describe_runs(df: pd.DataFrame) -> str:
@@ -65,8 +83,14 @@ def describe_runs(df: pd.DataFrame) -> str:
 
 def summary_line(table: pd.DataFrame) -> str:
     counts = table["verdict"].value_counts()
+    shift = table.attrs.get("shift")
+    how = ""
+    if shift is not None and shift == shift:  # not NaN
+        how = (f"; ratios divided by the run-wide shift {shift:.3f}"
+               if table.attrs.get("normalized") else f"; run-wide median ratio {shift:.3f}")
     return (f"{counts.get('regression', 0)} regressions, {counts.get('improvement', 0)} "
-            f"improvements, {counts.get('unchanged', 0)} unchanged ({len(table)} rows compared)")
+            f"improvements, {counts.get('unchanged', 0)} unchanged ({len(table)} rows "
+            f"compared{how})")
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
