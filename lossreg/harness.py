@@ -403,8 +403,9 @@ def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict,
     warmup = 3 if impl.backend in ("compile", "triton") else 2
     results: dict[str, dict] = {}
     for mode, run in runs.items():
-        t = measure.time_calls(device, run, budget_s=budget, warmup=warmup,
-                               min_repeats=max(1, math.ceil(5 / rounds)))
+        with _timing_allocator(device):
+            t = measure.time_calls(device, run, budget_s=budget, warmup=warmup,
+                                   min_repeats=max(1, math.ceil(5 / rounds)))
         results[mode] = {
             # run(0) does backward's forward before peak_bytes starts: only the timed call counts
             "samples": t.samples, "peak_bytes": measure.peak_bytes(device, run(0)),
@@ -418,9 +419,18 @@ def retime(spec: LossSpec, impl: Impl, case: Case, options: dict,
     """A later timing round of a case: fresh inputs, ``warmup[mode]`` untimed calls,
     then ``repeats[mode]`` samples per mode."""
     _, runs = throughput_runs(spec, impl, case, options)
-    return {mode: measure.time_calls(case.device, runs[mode], warmup=warmup[mode],
-                                     repeats=n).samples
-            for mode, n in repeats.items()}
+    samples = {}
+    for mode, n in repeats.items():
+        with _timing_allocator(case.device):
+            samples[mode] = measure.time_calls(case.device, runs[mode], warmup=warmup[mode],
+                                               repeats=n).samples
+    return samples
+
+
+def _timing_allocator(device: str):
+    """`measure.heap_only` on a CPU, nothing on a GPU."""
+    return measure.heap_only() if measure.device_type(device) == "cpu" else \
+        contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- running

@@ -137,32 +137,61 @@ def time_calls(
     return Timing.of(samples)
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_INT_MAX = 2**31 - 1
+# glibc's mallopt parameters (malloc.h) and its defaults
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_MMAP_THRESHOLD_MAX = 32 << 20  # the largest threshold glibc accepts on 64-bit
+_DEFAULT_MMAP_MAX = 65536
 
 
-def steady_cpu_allocator() -> bool:
-    """Make glibc's malloc serve every block from its heap and keep what is freed, for
-    the rest of the process. True if it was set (glibc only).
-
-    Why: by default glibc gives a large block a fresh mmap, and every page of it is
-    faulted in and zeroed on first touch, at a cost that differs from process to
-    process on a virtual machine; blocks between 128 KiB and 32 MiB take that path or
-    not depending on what the process freed before. Two runs of one commit timed
-    nll's backward at n = 1M as 17.0, 6.5 and 17.6 ms, and cross_entropy's torch
-    backward at 512 x 32000 as 56, 66 and 126 ms; served from the heap: 6-7 ms and
-    14-22 ms. Implementations are then compared on their own work, not on page faults.
-    The price: the process keeps the memory it freed (up to 2 GiB at the heap's top)."""
+def _glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+        return libc
     except (OSError, AttributeError):
+        return None
+
+
+def steady_cpu_allocator() -> bool:
+    """Fix glibc's mmap threshold at its 32 MiB maximum for the rest of the process.
+    True if it was set (glibc only).
+
+    Why: glibc moves the line between blocks served from its heap and blocks given a
+    fresh mmap (every page faulted in and zeroed on first touch) from the sizes the
+    process freed before, so the same case was timed with or without page faults in
+    different runs (nll's backward at n = 1M: 17.0, 6.5 and 17.6 ms in three runs;
+    6.9, 6.6 and 6.2 ms with the threshold fixed). See also `heap_only`."""
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, 8 * _MMAP_THRESHOLD_MAX))
+
+
+@contextlib.contextmanager
+def heap_only():
+    """While timing on a CPU: every block from glibc's heap, none from a fresh mmap;
+    afterwards mmaps are allowed again and the freed heap pages go back to the system.
+
+    Why: blocks over 32 MiB always get a fresh mmap, and faulting their pages in costs
+    a different amount in each process on a VM (cross_entropy's torch backward at
+    512 x 32000: 56, 66 and 126 ms in three processes; 14-22 ms from the heap). Only
+    around the timed calls, which allocate the same sizes again and again: a whole run
+    served from the heap kept every freed block and was killed for memory at 24 GB."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -148,7 +148,7 @@ def test_cli_rejects_zero_rounds(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
-def test_heap_only_malloc_is_accepted_on_glibc():
+def test_malloc_threshold_is_accepted_on_glibc():
     # mallopt returns 0 for a parameter or value it refuses: this fails if ours is one
     assert measure.steady_cpu_allocator() is (platform.system() == "Linux"
                                               and platform.libc_ver()[0] == "glibc")
@@ -161,3 +161,50 @@ def test_bench_on_cpu_fixes_the_allocator_and_check_leaves_it(monkeypatch):
     assert calls == []
     execute(["sq"], device="cpu", registry=_registry(), throughput=True, rounds=1)
     assert calls == [1]
+
+
+def test_only_the_timed_calls_run_heap_only(monkeypatch):
+    """Each mode of each round is timed inside measure.heap_only; nothing else is."""
+    import contextlib
+
+    inside = []
+    calls = []
+
+    @contextlib.contextmanager
+    def recording():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def impl(input, target, reduction="mean"):
+        calls.append(bool(inside))
+        return _ref(input, target, reduction)
+
+    monkeypatch.setattr(measure, "heap_only", recording)
+    df, _ = execute(["sq"], device="cpu", registry=_registry(probe=impl), throughput=True,
+                    rounds=2)
+    timed = _throughput(df).loc["probe"]
+    assert len(timed) == 3 and set(timed["rounds"]) == {2}
+    assert any(calls) and not all(calls)  # checks ran outside, timing inside
+    assert calls.count(True) >= 2 * 3 * 2  # 3 modes x 2 rounds x (warm-up + samples)
+    assert not inside  # every heap_only block was left
+
+
+def test_heap_only_restores_mmap_and_trims(monkeypatch):
+    seen = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            seen.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            seen.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(measure, "_glibc", lambda: FakeLibc())
+    with measure.heap_only():
+        assert seen == [("mallopt", -4, 0)]
+    assert seen[1:] == [("mallopt", -4, 65536), ("trim", 0)]
