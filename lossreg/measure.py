@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -143,6 +144,7 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # the largest threshold glibc accepts on 64-bit
 _DEFAULT_MMAP_MAX = 65536
 
 
+@functools.cache  # looked up once: heap_only runs around every timed block
 def _glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
