@@ -12,10 +12,12 @@ import datetime as _dt
 import gc
 import json
 import math
+import pickle
 import platform
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -663,7 +665,8 @@ def _set_timing(state: RunState, row: dict, samples: list[float], rounds: int,
     )
 
 
-def run_rounds(state: RunState, progress: ProgressFn | None = None) -> None:
+def run_rounds(state: RunState, progress: ProgressFn | None = None,
+               fresh_processes: bool = False) -> None:
     """Timing rounds 2..R: every case measured in the first pass is timed again, one round
     through all of them at a time (alternating direction), and its rows are recomputed
     from the samples of all rounds.
@@ -672,32 +675,25 @@ def run_rounds(state: RunState, progress: ProgressFn | None = None) -> None:
     block, a case takes whatever state the machine was in at that moment, and two runs
     of one commit disagree by more than either run's p20-p80 band. Spread over the run,
     each case's median sees the same mix of states as every other case's, and its band
-    shows the drift. A round that fails or times out ends that case's rounds; the rows
-    keep the rounds done, counted in ``rounds``."""
+    shows the drift. With ``fresh_processes`` each round runs in a new Python process
+    (`round_worker`), so what one process's memory layout does to a case is one round
+    of five, not the whole row. A round that fails or times out ends that case's
+    rounds; the rows keep the rounds done, counted in ``rounds``."""
     cases = state.timed
     total = len(cases) * (state.rounds - 1)
     done = 0
     for r in range(2, state.rounds + 1):
-        order = cases if r % 2 else cases[::-1]
-        for tc in order:
-            if tc.rounds < r - 1:  # an earlier round of this case failed
-                continue
-            task = tc.task
-            if progress:
-                progress(done, total, f"timing round {r}/{state.rounds}: {task.spec.name} "
-                         f"{task.impl.name} {task.dtype} {task.spec.x_name}={task.n}")
+        order = [tc for tc in (cases if r % 2 else cases[::-1])
+                 if tc.rounds == r - 1]  # an earlier round of a case failed: no more
+        skipped = sum(1 for tc in cases if tc.rounds < r - 1)
+        done += skipped
+        timed = _round_in_fresh_process if fresh_processes else _round_here
+        for tc, more, error in timed(state, order, r, progress, done, total):
             done += 1
-            state.start_case()
-            try:
-                with state.limit():
-                    more = retime(task.spec, task.impl, tc.case, tc.options, tc.repeats,
-                                  tc.warmup)
-            except Exception as exc:  # noqa: BLE001
-                note = f"timing round {r} failed, rows keep rounds 1-{r - 1}: " \
-                       f"{_error_message(exc)}"
+            if error is not None:
+                note = f"timing round {r} failed, rows keep rounds 1-{r - 1}: {error}"
                 for row in tc.rows.values():
                     row["message"] = "; ".join(filter(None, [row["message"], note]))
-                recover_memory(exc)
                 continue
             for mode, xs in more.items():
                 tc.samples[mode].extend(xs)
@@ -708,6 +704,83 @@ def run_rounds(state: RunState, progress: ProgressFn | None = None) -> None:
             _set_timing(state, row, tc.samples[mode], tc.rounds, tc.models[mode])
     if progress and total:
         progress(total, total, "timing rounds done")
+
+
+def _case_name(tc: TimedCase) -> str:
+    t = tc.task
+    return f"{t.spec.name} {t.impl.name} {t.dtype} {t.spec.x_name}={t.n}"
+
+
+def _round_here(state: RunState, order: list[TimedCase], r: int,
+                progress: ProgressFn | None, done: int, total: int):
+    """One round in this process: yields (case, samples, None) or (case, None, error)."""
+    for k, tc in enumerate(order):
+        if progress:
+            progress(done + k, total, f"timing round {r}/{state.rounds}: {_case_name(tc)}")
+        state.start_case()
+        try:
+            with state.limit():
+                more = retime(tc.task.spec, tc.task.impl, tc.case, tc.options, tc.repeats,
+                              tc.warmup)
+        except Exception as exc:  # noqa: BLE001
+            recover_memory(exc)
+            yield tc, None, _error_message(exc)
+            continue
+        yield tc, more, None
+
+
+#: how `_round_in_fresh_process` starts a worker (a test points it elsewhere)
+WORKER_COMMAND = (sys.executable, "-m", "lossreg.round_worker")
+
+
+def _round_in_fresh_process(state: RunState, order: list[TimedCase], r: int,
+                            progress: ProgressFn | None, done: int, total: int):
+    """One round in a new `round_worker` process, yielding like `_round_here`. The
+    worker finds each loss through the entry points; a case it cannot time, or every
+    case it never reached (it crashed, was killed), fails this round only."""
+    import os
+    import tempfile
+
+    from .round_worker import PREFIX
+
+    if not order:
+        return
+    if progress:
+        progress(done, total, f"timing round {r}/{state.rounds} in a fresh process: "
+                 f"{_case_name(order[0])}")
+    payload = {"device": state.device, "case_timeout": state.case_timeout, "cases": [
+        {"loss": tc.task.spec.name, "impl": tc.task.impl.name, "dtype": tc.task.dtype,
+         "n": tc.case.n, "seed": tc.case.seed, "params": tc.case.params,
+         "options": tc.options, "repeats": tc.repeats, "warmup": tc.warmup}
+        for tc in order]}
+    fd, path = tempfile.mkstemp(prefix="lossreg-round-", suffix=".pickle")
+    reported = 0
+    proc = None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(payload, f)
+        proc = subprocess.Popen([*WORKER_COMMAND, path], stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if not line.startswith(PREFIX):
+                sys.stderr.write(line)  # the worker's own prints, passed on
+                continue
+            result = json.loads(line[len(PREFIX):])
+            tc = order[result["i"]]
+            reported = result["i"] + 1
+            if progress and reported < len(order):
+                progress(done + reported, total, f"timing round {r}/{state.rounds} in a "
+                         f"fresh process: {_case_name(order[reported])}")
+            yield (tc, None, result["error"]) if "error" in result else \
+                (tc, result["samples"], None)
+        code = proc.wait()
+        for tc in order[reported:]:
+            yield tc, None, f"the round's worker process exited with code {code} before " \
+                            "reaching this case"
+    finally:
+        if proc is not None and proc.poll() is None:  # Ctrl-C, or the caller stopped
+            proc.kill()
+            proc.wait()
+        os.unlink(path)
 
 
 def _skipped_rows(state: RunState, task: Task, reason: str, checks: Iterable[str]) -> list[dict]:
@@ -726,13 +799,16 @@ def execute(
     dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
     sizes: str = "quick", throughput: bool = False, out: str | Path | None = None,
     registry: Registry | None = None, progress: ProgressFn | None = None,
-    case_timeout: float | None = None, rounds: int = 1,
+    case_timeout: float | None = None, rounds: int = 1, fresh_processes: bool | None = None,
 ):
     """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None).
 
     ``rounds`` (with ``throughput``) splits each case's timing into that many rounds
     spread over the run (`run_rounds`); the throughput rows are written after the first
-    and rewritten, with all rounds' samples, when the run is consolidated.
+    and rewritten, with all rounds' samples, when the run is consolidated. Rounds 2..R
+    run in fresh processes (``fresh_processes``) by default when ``registry`` is not
+    given: a new process finds the same losses through the entry points, but not the
+    losses of a registry built in this one.
 
     ``case_timeout`` (seconds) bounds each loss x impl x dtype x size case: past it
     the step running becomes an ``error`` row, the case's remaining steps too, and
@@ -741,6 +817,8 @@ def execute(
 
     from .results import to_table
 
+    if fresh_processes is None:
+        fresh_processes = registry is None
     registry = registry or default_registry()
     device = measure.resolve_device(device)
     plan = make_plan(registry, names, device, dtypes, impls, sizes)
@@ -810,7 +888,7 @@ def execute(
         if progress and plan.tasks:
             progress(len(plan.tasks), len(plan.tasks), "done")
         if state.timed:
-            run_rounds(state, progress)
+            run_rounds(state, progress, fresh_processes)
         if writer is not None:  # the consolidated run carries the rows of all rounds
             writer.finish(state.rows)
     except KeyboardInterrupt as exc:
