@@ -222,7 +222,8 @@ def _progress_printer():
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--rounds", type=click.IntRange(min=1),
               help="timing rounds per case, spread over the run so that drift of the "
-                   "machine's speed averages out  [default: 5]")
+                   "machine's speed averages out; rounds after the first each run in a "
+                   "fresh process  [default: 5]")
 @_friendly
 def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout, rounds):
     """Checks plus forward/backward/full timings and memory, written as Parquet."""

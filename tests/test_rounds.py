@@ -208,3 +208,129 @@ def test_heap_only_restores_mmap_and_trims(monkeypatch):
     with measure.heap_only():
         assert seen == [("mallopt", -4, 0)]
     assert seen[1:] == [("mallopt", -4, 65536), ("trim", 0)]
+
+
+# ------------------------------------------------- later rounds in fresh processes
+def _recording_worker(monkeypatch, log, exit_code=None):
+    """Point the harness at a worker that appends its pid to ``log`` first; with
+    ``exit_code`` it then exits without timing anything."""
+    import sys
+
+    from lossreg import harness
+
+    body = (f"import os, sys, runpy; open({str(log)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
+            + (f"sys.exit({exit_code})" if exit_code is not None else
+               "sys.argv = ['round_worker'] + sys.argv[1:]; "
+               "runpy.run_module('lossreg.round_worker', run_name='__main__')"))
+    monkeypatch.setattr(harness, "WORKER_COMMAND", (sys.executable, "-c", body))
+
+
+def _no_payload_left(monkeypatch, tmp_path):
+    import tempfile
+
+    where = tmp_path / "tmp"
+    where.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
+
+
+def test_later_rounds_of_the_default_registry_run_in_fresh_processes(tmp_path, monkeypatch):
+    import os
+
+    from lossreg import harness
+
+    def not_here(*a, **k):
+        raise AssertionError("a later round ran in the bench process")
+
+    monkeypatch.setattr(harness, "_round_here", not_here)
+    log = tmp_path / "pids"
+    _recording_worker(monkeypatch, log)
+    temp = _no_payload_left(monkeypatch, tmp_path)
+    df, writer = execute(["mse"], device="cpu", sizes="quick", throughput=True,
+                         out=tmp_path / "out", rounds=3)
+    pids = log.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2 and str(os.getpid()) not in pids
+    t = df[(df.check == "throughput") & (df.status == "ok")]
+    assert len(t) >= 6 and set(t["rounds"]) == {3}, t[["impl", "n", "mode", "rounds"]]
+    assert t["message"].isna().all()
+    assert (t["repeats"] % 3 == 0).all()  # each worker repeated the first pass's count
+    ref = t[t.impl == "reference"].set_index(["n", "mode"])["time_ms"]
+    torch_rows = t[t.impl == "torch"].set_index(["n", "mode"])
+    assert torch_rows["speedup"].to_numpy() == pytest.approx(
+        (ref.loc[torch_rows.index] / torch_rows["time_ms"]).to_numpy())
+    on_disk = pd.read_parquet(writer.location)
+    assert set(on_disk[on_disk.check == "throughput"]["rounds"].dropna()) == {3}
+    assert not list(temp.iterdir())  # the payload files are removed
+
+
+def test_a_worker_that_dies_fails_its_round_and_the_run_goes_on(tmp_path, monkeypatch):
+    log = tmp_path / "pids"
+    _recording_worker(monkeypatch, log, exit_code=3)
+    temp = _no_payload_left(monkeypatch, tmp_path)
+    df, _ = execute(["mse"], device="cpu", sizes="quick", impls=["torch"], throughput=True,
+                    rounds=3)
+    assert len(log.read_text().split()) == 1  # no round 3 for cases whose round 2 failed
+    t = df[(df.check == "throughput") & (df.status == "ok")]
+    assert len(t) >= 3 and set(t["rounds"]) == {1}
+    assert t["message"].str.fullmatch(
+        "timing round 2 failed, rows keep rounds 1-1: the round's worker process exited "
+        "with code 3 before reaching this case").all(), t["message"].tolist()
+    assert t["time_ms"].gt(0).all()
+    assert not list(temp.iterdir())
+
+
+def test_ctrl_c_during_a_worker_round_stops_the_worker(tmp_path, monkeypatch):
+    import os
+
+    log = tmp_path / "pids"
+    _recording_worker(monkeypatch, log)
+    temp = _no_payload_left(monkeypatch, tmp_path)
+    heard = []
+
+    def progress(done, total, msg):
+        heard.append(msg)
+        # the worker has reported one case and is timing the next
+        if sum("in a fresh process" in m for m in heard) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        execute(["mse"], device="cpu", sizes="quick", throughput=True, out=tmp_path / "out",
+                rounds=3, progress=progress)
+    (pid,) = log.read_text().split()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)  # killed and reaped, not left running
+    t = pd.read_parquet(info.value.location)
+    t = t[(t.check == "throughput") & (t.status == "ok")]
+    assert len(t) >= 6 and set(t["rounds"]) == {1}
+    assert not list(temp.iterdir())
+
+
+def test_worker_times_what_it_can_and_names_what_it_cannot():
+    import json
+
+    from lossreg import round_worker
+
+    case = {"n": 1000, "dtype": "float32", "seed": 100, "params": {}, "options": {},
+            "repeats": {"forward": 4, "full": 2}, "warmup": {"forward": 1, "full": 0}}
+    lines = []
+    round_worker.run({"device": "cpu", "cases": [
+        {**case, "loss": "mse", "impl": "torch"},
+        {**case, "loss": "no_such_loss", "impl": "torch"},
+        {**case, "loss": "mse", "impl": "no_such_impl"},
+    ]}, emit=lines.append)
+    assert all(line.startswith(round_worker.PREFIX) for line in lines)
+    got = [json.loads(line[len(round_worker.PREFIX):]) for line in lines]
+    assert [g["i"] for g in got] == [0, 1, 2]
+    assert {m: len(v) for m, v in got[0]["samples"].items()} == {"forward": 4, "full": 2}
+    assert all(x > 0 for v in got[0]["samples"].values() for x in v)
+    assert "no_such_loss" in got[1]["error"]
+    assert "no implementation 'no_such_impl'" in got[2]["error"]
+
+
+def test_worker_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lossreg.round_worker"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
