@@ -79,6 +79,8 @@ class LossregSession:
     cases: list[BenchCase]
     out: Path | None
     rows: list[dict] = field(default_factory=list)
+    #: each timed row with its samples (ms) and the spec's (bytes, flops) models
+    timed: list[tuple[dict, list[float], tuple]] = field(default_factory=list)
     written: Path | None = None
 
     @classmethod
@@ -111,8 +113,7 @@ class LossregSession:
 
     # ------------------------------------------------------------ rows
     def _row(self, case: BenchCase, **values) -> dict:
-        state = harness.RunState(self.context, self.device, None)
-        row = harness._base_row(state, case.task, dict(case.task.spec.options))
+        row = harness.base_row(self.context, case.task, dict(case.task.spec.options))
         row.update(check="throughput", mode=case.mode, **values)
         return row
 
@@ -120,39 +121,35 @@ class LossregSession:
         self.rows.append(self._row(case, status="skipped", message=reason))
 
     def record_error(self, case: BenchCase, exc: BaseException) -> None:
-        self.rows.append(self._row(case, status="error", message=harness._error_message(exc)))
+        self.rows.append(self._row(case, status="error", message=harness.error_message(exc)))
 
     def record(self, case: BenchCase, seconds: list[float], inputs: dict,
                peak_bytes: int | None) -> None:
         """One throughput row from a benchmark's round times (seconds, one call each)."""
         spec, impl = case.task.spec, case.task.impl
-        timing = measure.Timing.of([s * 1e3 for s in seconds])
-        t = timing.median_ms
-        nbytes, flops = spec.model("bytes", inputs, case.mode), spec.model("flops", inputs,
-                                                                             case.mode)
-        self.rows.append(self._row(
+        samples = [s * 1e3 for s in seconds]
+        model = (spec.model("bytes", inputs, case.mode), spec.model("flops", inputs, case.mode))
+        row = self._row(
             case, status="ok",
             message="gradient computed in the forward" if (impl.grad_in_forward
                                                             and case.mode == "backward") else None,
-            time_ms=t, time_ms_p20=timing.p20_ms, time_ms_p80=timing.p80_ms,
-            repeats=timing.repeats, peak_bytes=peak_bytes,
-            gbps=nbytes / (t * 1e-3) / 1e9 if nbytes and t > 0 else None,
-            tflops=flops / (t * 1e-3) / 1e12 if flops and t > 0 else None,
-        ))
+            peak_bytes=peak_bytes, **harness.timing_columns(samples, model))
+        self.rows.append(row)
+        self.timed.append((row, samples, model))
 
     def finish(self) -> Path | None:
         """Speedups against the reference of this session, bandwidth, then the Parquet."""
         if self.out is None or not self.rows:
             return None
-        ok = [r for r in self.rows if r["status"] == "ok"]
-        ref = {(r["loss"], r["dtype"], r["n"], r["mode"]): r["time_ms"] for r in ok
-               if r["impl_kind"] == "reference"}
-        peak = measure.copy_bandwidth_gbps(self.device) if ok else None
-        for r in ok:
-            base = ref.get((r["loss"], r["dtype"], r["n"], r["mode"]))
-            r["speedup"] = base / r["time_ms"] if base and r["time_ms"] > 0 else None
-            r["peak_gbps"] = peak
-            r["bw_fraction"] = r["gbps"] / peak if r["gbps"] and peak else None
+
+        def key(r):
+            return r["loss"], r["dtype"], r["n"], r["mode"]
+
+        ref = {key(r): r["time_ms"] for r, _, _ in self.timed if r["impl_kind"] == "reference"}
+        peak = measure.copy_bandwidth_gbps(self.device) if self.timed else None
+        for row, samples, model in self.timed:
+            row.update(harness.timing_columns(samples, model, ref.get(key(row)), peak),
+                       peak_gbps=peak)
         writer = ResultWriter(self.out, self.context["run_id"])
         try:
             writer.write(self.rows)

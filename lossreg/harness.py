@@ -474,11 +474,14 @@ class TimedCase:
     rounds: int = 1
 
 
-def _base_row(state: RunState, task: Task, params: dict) -> dict:
+def base_row(context: dict, task: Task, params: dict) -> dict:
+    """A result row's identifying columns: the run's context, the loss, implementation,
+    dtype, size and the params it ran with (the pytest-benchmark suite builds its rows
+    with this too)."""
     spec, impl = task.spec, task.impl
     params = {**spec.input_params.get(task.preset, {}), **params}
     return {
-        **state.context,
+        **context,
         "loss": spec.name, "family": spec.family, "impl": impl.name, "impl_kind": impl.kind,
         "backend": impl.backend, "plugin": impl.plugin or spec.plugin, "dtype": task.dtype,
         "x_name": spec.x_name, "n": task.n, "params": json.dumps(params, sort_keys=True,
@@ -486,7 +489,7 @@ def _base_row(state: RunState, task: Task, params: dict) -> dict:
     }
 
 
-def _error_message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
     return f"{type(exc).__name__}: {exc}"[:2000] + where
@@ -499,7 +502,7 @@ def _guard(state: RunState, row: dict, fn: Callable[[], dict]) -> dict:
     except UnsupportedOption as exc:
         row.update(status="skipped", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing case is one error row
-        row.update(status="error", message=_error_message(exc))
+        row.update(status="error", message=error_message(exc))
         recover_memory(exc)
     return row
 
@@ -544,7 +547,7 @@ def run_checks(state: RunState, task: Task, all_options: bool) -> list[dict]:
     for options in (_option_sets(spec) if all_options else [dict(spec.options)]):
         if throughput_only_size(spec, task, dt, device):
             for check, mode in (("correctness", "forward"), ("gradient", "backward")):
-                row = _base_row(state, task, options)
+                row = base_row(state.context, task, options)
                 row.update(check=check, mode=mode, status="skipped",
                            message="float64 reference too large or slow at this size "
                                    f"(over {CHECK_BYTES_MAX >> 30} GiB of inputs or "
@@ -566,7 +569,7 @@ def run_checks(state: RunState, task: Task, all_options: bool) -> list[dict]:
 
         for check, mode, fn in (("correctness", "forward", forward),
                                 ("gradient", "backward", gradient)):
-            row = _base_row(state, task, options)
+            row = base_row(state.context, task, options)
             row.update(check=check, mode=mode)
             rows.append(_guard(state, row, fn))
     return rows
@@ -585,7 +588,7 @@ def run_edge_cases(state: RunState, spec: LossSpec, impl: Impl, dtype: str) -> l
     for name, make in spec.edge_cases.items():
         params = {**spec.options, "edge_case": name}
         task = Task(spec, impl, dtype, 0)
-        row = _base_row(state, task, params)
+        row = base_row(state.context, task, params)
         row.update(check="correctness", mode="forward")
 
         def run(make=make, row=row):
@@ -608,7 +611,7 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
     modes = ("forward", "backward", "full")
     if impl.uses_triton and measure.device_type(state.device) == "cpu":
         for mode in modes:
-            row = _base_row(state, task, options)
+            row = base_row(state.context, task, options)
             row.update(check="throughput", mode=mode, status="skipped", message=INTERPRETER_SKIP)
             rows.append(row)
         return rows
@@ -618,13 +621,13 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
         with state.limit():
             measured = measure_throughput(spec, impl, case, options, rounds=state.rounds)
     except Exception as exc:  # noqa: BLE001
-        row = _base_row(state, task, options)
-        row.update(check="throughput", mode="full", status="error", message=_error_message(exc))
+        row = base_row(state.context, task, options)
+        row.update(check="throughput", mode="full", status="error", message=error_message(exc))
         recover_memory(exc)
         return [row]
     by_mode = {}
     for mode, m in measured.items():
-        row = _base_row(state, task, options)
+        row = base_row(state.context, task, options)
         row.update(
             check="throughput", mode=mode, status="ok",
             message="gradient computed in the forward" if (impl.grad_in_forward
@@ -645,24 +648,32 @@ def run_throughput(state: RunState, task: Task) -> list[dict]:
     return rows
 
 
-def _set_timing(state: RunState, row: dict, samples: list[float], rounds: int,
-                model: tuple) -> None:
-    """Fill a throughput row's time columns from its samples, and what derives from them:
-    GB/s and TFLOP/s from the spec's models, speedup against the reference's row."""
+def timing_columns(samples: list[float], model: tuple, reference_ms: float | None = None,
+                   peak_gbps: float | None = None) -> dict:
+    """A throughput row's time columns from its samples (ms), and what derives from them:
+    GB/s and TFLOP/s from the spec's (bytes, flops) models, speedup over the reference's
+    median, and the fraction of the device's copy bandwidth."""
     t = measure.Timing.of(samples)
     ms = t.median_ms
-    key = (row["loss"], row["dtype"], row["n"], row["mode"])
-    if row["impl_kind"] == "reference":
-        state.ref_times[key] = ms
     nbytes, flops = model
     gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes and ms > 0 else None
-    row.update(
-        time_ms=ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, repeats=t.repeats,
-        rounds=rounds, gbps=gbps,
+    return dict(
+        time_ms=ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, repeats=t.repeats, gbps=gbps,
         tflops=flops / (ms * 1e-3) / 1e12 if flops and ms > 0 else None,
-        speedup=(state.ref_times[key] / ms) if key in state.ref_times and ms > 0 else None,
-        bw_fraction=(gbps / state.peak_gbps) if gbps and state.peak_gbps else None,
+        speedup=reference_ms / ms if reference_ms and ms > 0 else None,
+        bw_fraction=gbps / peak_gbps if gbps and peak_gbps else None,
     )
+
+
+def _set_timing(state: RunState, row: dict, samples: list[float], rounds: int,
+                model: tuple) -> None:
+    """Fill a throughput row's time columns (`timing_columns`), the speedup against the
+    reference's row of this run (references are set first)."""
+    key = (row["loss"], row["dtype"], row["n"], row["mode"])
+    if row["impl_kind"] == "reference":
+        state.ref_times[key] = measure.Timing.of(samples).median_ms
+    row.update(timing_columns(samples, model, state.ref_times.get(key), state.peak_gbps),
+               rounds=rounds)
 
 
 def run_rounds(state: RunState, progress: ProgressFn | None = None,
@@ -724,7 +735,7 @@ def _round_here(state: RunState, order: list[TimedCase], r: int,
                               tc.warmup)
         except Exception as exc:  # noqa: BLE001
             recover_memory(exc)
-            yield tc, None, _error_message(exc)
+            yield tc, None, error_message(exc)
             continue
         yield tc, more, None
 
@@ -751,8 +762,13 @@ def _round_in_fresh_process(state: RunState, order: list[TimedCase], r: int,
     payload = {"device": state.device, "case_timeout": state.case_timeout, "cases": [
         {"loss": tc.task.spec.name, "impl": tc.task.impl.name, "dtype": tc.task.dtype,
          "n": tc.case.n, "seed": tc.case.seed, "params": tc.case.params,
-         "options": tc.options, "repeats": tc.repeats, "warmup": tc.warmup}
+         "options": tc.options, "repeats": tc.repeats,
+         # a fresh process pays every lazy start-up (JIT, autotuning, library handles)
+         # on its first call: never time that one
+         "warmup": {mode: max(1, w) for mode, w in tc.warmup.items()}}
         for tc in order]}
+    if measure.device_type(state.device) == "cuda":
+        torch.cuda.empty_cache()  # the worker needs the memory this process keeps cached
     fd, path = tempfile.mkstemp(prefix="lossreg-round-", suffix=".pickle")
     reported = 0
     proc = None
@@ -786,7 +802,7 @@ def _round_in_fresh_process(state: RunState, order: list[TimedCase], r: int,
 def _skipped_rows(state: RunState, task: Task, reason: str, checks: Iterable[str]) -> list[dict]:
     rows = []
     for check in checks:
-        row = _base_row(state, task, dict(task.spec.options))
+        row = base_row(state.context, task, dict(task.spec.options))
         row.update(check=check, mode="forward" if check == "correctness" else
                    ("backward" if check == "gradient" else "full"),
                    status="skipped", message=reason)
@@ -858,7 +874,7 @@ def execute(
                 with state.limit():
                     if impl.kind == "reference" and spec.name not in gradchecked:
                         gradchecked.add(spec.name)
-                        row = _base_row(state, Task(spec, impl, "float64", 0), dict(spec.options))
+                        row = base_row(state.context, Task(spec, impl, "float64", 0), dict(spec.options))
                         row.update(check="gradient", mode="backward")
                         row = _guard(state, row, lambda: _verdict_row(
                             gradcheck_reference(spec, device), (None, None)))
@@ -879,9 +895,9 @@ def execute(
                     if throughput:
                         rows += run_throughput(state, task)
             except Exception as exc:  # noqa: BLE001 - outside any check: make_inputs, sizing
-                row = _base_row(state, task, dict(spec.options))
+                row = base_row(state.context, task, dict(spec.options))
                 row.update(check="correctness", mode="forward", status="error",
-                           message=_error_message(exc))
+                           message=error_message(exc))
                 rows.append(row)
                 recover_memory(exc)
             emit(rows)

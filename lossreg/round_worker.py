@@ -47,7 +47,7 @@ def run(payload: dict, emit=print) -> None:
                                          c["options"], c["repeats"], c["warmup"])
             line = {"i": k, "samples": samples}
         except Exception as exc:  # noqa: BLE001 - one failing case, the round goes on
-            line = {"i": k, "error": harness._error_message(exc)}
+            line = {"i": k, "error": harness.error_message(exc)}
             harness.recover_memory(exc)
         emit(PREFIX + json.dumps(line))
         sys.stdout.flush()

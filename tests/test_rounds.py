@@ -334,3 +334,37 @@ def test_worker_command_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lossreg.round_worker"], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_a_fresh_process_always_gets_a_warm_up_call(tmp_path, monkeypatch):
+    """Later rounds skip the warm-up of calls over a second in-process; a fresh process
+    would time its cold start (JIT, autotuning), so its payload asks for one."""
+    import pickle
+    import sys
+
+    import torch
+
+    from lossreg import harness
+    from lossreg.registry import default_registry
+    from lossreg.spec import Case
+
+    dest = tmp_path / "payload.pickle"
+    monkeypatch.setattr(harness, "WORKER_COMMAND", (
+        sys.executable, "-c", f"import shutil, sys; shutil.copy(sys.argv[1], {str(dest)!r})"))
+    spec = default_registry().get("mse")
+    task = harness.Task(spec, spec.implementations["torch"], "float32", 1000)
+    case = Case(1000, torch.float32, "cpu", seed=100, params=spec.case_params("quick", {}))
+    row = {**harness.base_row({}, task, {}), "mode": "full", "message": None}
+    tc = harness.TimedCase(task, case, dict(spec.options), rows={"full": row},
+                           samples={"full": [2000.0]}, models={"full": (None, None)},
+                           repeats={"full": 1}, warmup={"full": 0})
+    state = harness.RunState({}, "cpu", None, rounds=2)
+    state.timed = [tc]
+    harness.run_rounds(state, fresh_processes=True)
+    payload = pickle.loads(dest.read_bytes())
+    (sent,) = payload["cases"]
+    assert sent["warmup"] == {"full": 1} and sent["repeats"] == {"full": 1}
+    assert (sent["loss"], sent["impl"], sent["n"], sent["seed"]) == ("mse", "torch", 1000, 100)
+    # the stand-in worker printed nothing: the round failed, round 1 stands
+    assert tc.rounds == 1 and "exited with code 0 before reaching this case" in row["message"]
+    assert row["time_ms"] == 2000.0 and row["rounds"] == 1
