@@ -40,6 +40,10 @@ CHECK_BYTES_MAX = 4 << 30
 #: ... and where the float64 reference's modelled fwd+bwd flops stay under this.
 CHECK_FLOPS_MAX = {"cpu": 1e11, "cuda": 1e14}
 DEFAULT_ROUNDS = 5  # timing rounds per case in `bench` (see `run_rounds`)
+#: samples per timed mode over all rounds, wherever they fit in the case's time budget:
+#: same-commit pairs flagged rows of 5-10 samples (1-2 per round) six times as often as
+#: the others (6 of 11 flagged rows in three pairs, 35 of 204 rows)
+MIN_SAMPLES = 15
 ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
 INTERPRETER_BENCH_SKIP = ("Triton on CPU runs under the interpreter: checked by `lossreg check` "
@@ -407,7 +411,9 @@ def measure_throughput(spec: LossSpec, impl: Impl, case: Case, options: dict,
     for mode, run in runs.items():
         with _timing_allocator(device):
             t = measure.time_calls(device, run, budget_s=budget, warmup=warmup,
-                                   min_repeats=max(1, math.ceil(5 / rounds)))
+                                   min_repeats=max(1, math.ceil(5 / rounds)),
+                                   cheap_min=(math.ceil(MIN_SAMPLES / rounds),
+                                              budget * rounds))
         results[mode] = {
             # run(0) does backward's forward before peak_bytes starts: only the timed call counts
             "samples": t.samples, "peak_bytes": measure.peak_bytes(device, run(0)),

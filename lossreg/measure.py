@@ -84,6 +84,7 @@ def time_calls(
     max_repeats: int = 200,
     warmup: int = 2,
     repeats: int | None = None,
+    cheap_min: tuple[int, float] | None = None,
 ) -> Timing:
     """Time ``run(i)()`` for rotating i: ``run(i)`` does untimed set-up (e.g. a forward
     pass before timing a backward) and returns the callable to time.
@@ -91,6 +92,9 @@ def time_calls(
     CUDA events on a GPU, a synchronized ``perf_counter`` around each call on a CPU. The number of
     repeats fills ``budget_s`` after warm-up, within [min_repeats, max_repeats], unless
     ``repeats`` fixes it (a later timing round of a case repeats the first round's count).
+    ``cheap_min = (k, seconds)`` raises the floor towards k repeats as far as they fit
+    in ``seconds`` (a call of a third of ``seconds`` or less gets k): a p20-p80 band
+    of a handful of samples is mostly chance, and short calls make more samples cheap.
     """
     cuda = device_type(device) == "cuda"
     for i in range(warmup):
@@ -115,6 +119,9 @@ def time_calls(
         first = once(0)
         if first > 1e3:  # calls over a second: three samples give a median, and save minutes
             min_repeats = min(min_repeats, 3)
+        if cheap_min is not None:
+            k, seconds = cheap_min
+            min_repeats = max(min_repeats, min(k, int(seconds * 1e3 / max(first, 1e-3))))
         repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
     elif repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")

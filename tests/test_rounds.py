@@ -62,6 +62,18 @@ def test_time_calls_with_fixed_repeats_makes_exactly_those_calls():
         measure.time_calls("cpu", lambda i: (lambda: None), repeats=0)
 
 
+@pytest.mark.parametrize("call_ms, expected", [(10, 3), (45, 2), (120, 1)])
+def test_short_calls_get_more_samples_where_they_fit(call_ms, expected):
+    """cheap_min=(3, 0.1 s): three repeats for a 10 ms call, as many as fit for a 45 ms
+    one, and the plain floor of one for a call longer than the 0.1 s."""
+    t = measure.time_calls("cpu", lambda i: (lambda: time.sleep(call_ms / 1e3)),
+                           budget_s=0.001, min_repeats=1, warmup=0, cheap_min=(3, 0.1))
+    assert t.repeats == expected
+    plain = measure.time_calls("cpu", lambda i: (lambda: time.sleep(0.01)), budget_s=0.001,
+                               min_repeats=1, warmup=0)
+    assert plain.repeats == 1
+
+
 def test_rows_come_from_all_rounds(tmp_path):
     """Slow in the first pass, fast in the later rounds: the kept median is the later
     rounds' (2 of 3 rounds, equal sample counts) and the p20-p80 band spans both speeds."""
