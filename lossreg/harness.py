@@ -783,11 +783,15 @@ def _round_in_fresh_process(state: RunState, order: list[TimedCase], r: int,
             pickle.dump(payload, f)
         proc = subprocess.Popen([*WORKER_COMMAND, path], stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
-            if not line.startswith(PREFIX):
+            try:
+                result = json.loads(line[len(PREFIX):]) if line.startswith(PREFIX) else None
+                tc = order[result["i"]] if result is not None and (
+                    "samples" in result or "error" in result) else None
+            except (ValueError, KeyError, IndexError, TypeError):
+                tc = None
+            if tc is None:
                 sys.stderr.write(line)  # the worker's own prints, passed on
                 continue
-            result = json.loads(line[len(PREFIX):])
-            tc = order[result["i"]]
             reported = result["i"] + 1
             if progress and reported < len(order):
                 progress(done + reported, total, f"timing round {r}/{state.rounds} in a "

@@ -380,3 +380,21 @@ def test_a_fresh_process_always_gets_a_warm_up_call(tmp_path, monkeypatch):
     # the stand-in worker printed nothing: the round failed, round 1 stands
     assert tc.rounds == 1 and "exited with code 0 before reaching this case" in row["message"]
     assert row["time_ms"] == 2000.0 and row["rounds"] == 1
+
+
+def test_a_garbled_worker_line_is_passed_on_not_fatal(tmp_path, monkeypatch, capfd):
+    import sys
+
+    from lossreg import harness
+    from lossreg.round_worker import PREFIX
+
+    lines = ["not json", '{"i": 99}', '{"i": 0}']  # bad JSON, no such case, no result
+    monkeypatch.setattr(harness, "WORKER_COMMAND", (
+        sys.executable, "-c", "; ".join(f"print({PREFIX + x!r})" for x in lines)))
+    df, _ = execute(["mse"], device="cpu", sizes="quick", impls=["torch"], throughput=True,
+                    rounds=2)
+    t = df[(df.check == "throughput") & (df.status == "ok")]
+    assert len(t) >= 3 and set(t["rounds"]) == {1}
+    assert t["message"].str.contains("exited with code 0 before reaching this case").all()
+    err = capfd.readouterr().err
+    assert all(x in err for x in lines)
