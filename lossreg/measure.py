@@ -6,7 +6,9 @@ import contextlib
 import functools
 import os
 import platform
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -220,6 +222,33 @@ def _quiet_stderr():
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _signals_held(*signums: int):
+    """Hold these signals until the block ends, then deliver them to their handlers.
+
+    Why: torch's profiler does not survive an exception raised inside it by a signal
+    handler (Ctrl-C's KeyboardInterrupt, the case timeout's SIGALRM): one Ctrl-C in
+    twenty-odd killed `bench` with a segfault (``record_function.cpp: Requested callback
+    is not found``) or hung it. The block is one call of a loss, so the wait is short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {n: signal.signal(n, lambda signum, frame: pending.append(signum))
+                for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+    for n in dict.fromkeys(pending):
+        handler = previous[n]
+        if callable(handler):
+            handler(n, None)
+        elif handler == signal.SIG_DFL and n == signal.SIGINT:
+            raise KeyboardInterrupt
+
+
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak rise of live CPU tensor memory while `fn` runs.
 
@@ -230,7 +259,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _signals_held(signal.SIGINT, signal.SIGALRM), _quiet_stderr(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [
         (e.start_ns(), e.nbytes())

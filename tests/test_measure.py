@@ -1,5 +1,6 @@
 """The measuring instruments themselves: CPU peak memory, timing, copy bandwidth."""
 
+import pytest
 import torch
 
 from lossreg import measure
@@ -54,3 +55,45 @@ def test_resolve_device():
     assert measure.resolve_device("cpu") == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert measure.resolve_device("auto") == expected
+
+
+def test_ctrl_c_inside_the_profiler_waits_until_it_has_stopped():
+    """A KeyboardInterrupt raised inside torch's profiler crashed or hung `bench`: the
+    measurement holds Ctrl-C and the case timeout's SIGALRM until the profiler is out."""
+    import os
+    import signal
+
+    seen = []
+
+    def fn():
+        os.kill(os.getpid(), signal.SIGINT)
+        seen.append("after the signal")  # nothing was raised in here
+        return torch.ones(1000) * 2
+
+    with pytest.raises(KeyboardInterrupt):
+        measure.cpu_peak_bytes(fn)
+    assert seen == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the profiler is usable again
+    assert measure.cpu_peak_bytes(lambda: torch.ones(1 << 16)) >= 4 * (1 << 16)
+
+
+def test_a_held_alarm_reaches_its_own_handler_afterwards():
+    import signal
+
+    class Late(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Late
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises(Late):
+            with measure._signals_held(signal.SIGINT, signal.SIGALRM):
+                signal.raise_signal(signal.SIGALRM)
+                inside = True
+        assert inside
+        assert signal.getsignal(signal.SIGALRM) is on_alarm
+    finally:
+        signal.signal(signal.SIGALRM, previous)
