@@ -205,10 +205,14 @@ def register_implementations(register):
 def _start_bench(site: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "LOSSREG_LOAD_PLUGINS": "slow_losses",
            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    # SIGINT at its default in the child, whatever this test process inherited or some
+    # library set (an ignored SIGINT is inherited across exec, and Python then installs
+    # no KeyboardInterrupt handler)
     return subprocess.Popen(
         [sys.executable, "-m", "lossreg.cli", "bench", "slow_sq", "--device", "cpu",
          "--impl", "napping", "--impl", "reference", "--out", str(out), "--no-plots"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_parts(out: Path, k: int, proc: subprocess.Popen, limit_s: float = 120) -> int:
