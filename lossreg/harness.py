@@ -41,8 +41,8 @@ CHECK_BYTES_MAX = 4 << 30
 CHECK_FLOPS_MAX = {"cpu": 1e11, "cuda": 1e14}
 DEFAULT_ROUNDS = 5  # timing rounds per case in `bench` (see `run_rounds`)
 #: samples per timed mode over all rounds, wherever they fit in the case's time budget:
-#: same-commit pairs flagged rows of 5-10 samples (1-2 per round) six times as often as
-#: the others (6 of 11 flagged rows in three pairs, 35 of 204 rows)
+#: same-commit pairs flagged rows of 5-10 samples (1-2 per round) far more often than
+#: the others (7 of 11 flagged rows in three pairs, 28-35 of each pair's 204 rows)
 MIN_SAMPLES = 15
 ROTATION_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 INTERPRETER_SKIP = "Triton on CPU runs under the interpreter: correctness only, no timing"
