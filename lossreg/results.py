@@ -64,6 +64,10 @@ SCHEMA = pa.schema(
         ("peak_gbps", pa.float64()),
         ("bw_fraction", pa.float64()),
         ("rounds", pa.int64()),
+        ("world_size", pa.int64()),
+        ("rank", pa.int64()),
+        ("comm_bytes", pa.int64()),
+        ("model_bytes", pa.int64()),
     ]
 )
 COLUMNS = SCHEMA.names

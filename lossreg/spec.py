@@ -103,6 +103,10 @@ class Impl:
     #: those run there only if ``devices`` lists "cpu" (built-in "triton" ones always).
     uses_triton: bool | None = None
     description: str = ""
+    #: inputs -> the minimum HBM traffic (bytes) this implementation must move, as a
+    #: number (fwd+bwd) or a dict with keys among forward/backward/full; judged as
+    #: ``model_bytes`` / ``bw_fraction``. None: the loss's ``bytes_moved`` model.
+    bytes_model: Callable[[Mapping[str, Any]], Any] | None = None
     #: Filled in by the registry: which plugin registered this implementation.
     plugin: str = ""
 

@@ -15,7 +15,8 @@ device_name, torch_version, triton_version, python_version, loss, family, impl, 
 backend, plugin, check, mode, dtype, x_name, n, params, status, message, max_abs_err, rel_err,
 atol, rtol, time_ms, time_ms_p20, time_ms_p80, repeats, gbps, tflops, peak_bytes, speedup,
 peak_gbps, bw_fraction"""
-ADDED_COLUMNS = ["rounds"]  # "New columns may be added; existing ones are never renamed."
+# "New columns may be added; existing ones are never renamed."
+ADDED_COLUMNS = ["rounds", "world_size", "rank", "comm_bytes", "model_bytes"]
 
 
 def _row(run_id, **kw):
