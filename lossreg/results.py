@@ -68,6 +68,7 @@ SCHEMA = pa.schema(
         ("rank", pa.int64()),
         ("comm_bytes", pa.int64()),
         ("model_bytes", pa.int64()),
+        ("case_seconds", pa.float64()),
     ]
 )
 COLUMNS = SCHEMA.names

@@ -16,7 +16,7 @@ backend, plugin, check, mode, dtype, x_name, n, params, status, message, max_abs
 atol, rtol, time_ms, time_ms_p20, time_ms_p80, repeats, gbps, tflops, peak_bytes, speedup,
 peak_gbps, bw_fraction"""
 # "New columns may be added; existing ones are never renamed."
-ADDED_COLUMNS = ["rounds", "world_size", "rank", "comm_bytes", "model_bytes"]
+ADDED_COLUMNS = ["rounds", "world_size", "rank", "comm_bytes", "model_bytes", "case_seconds"]
 
 
 def _row(run_id, **kw):
