@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The noise floor of this machine for `lossreg compare`: two CPU runs of eleven losses
 # on the same commit, back to back, then `lossreg compare` between them at 10%.
-# Usage (repository root, the venv's lossreg on PATH): benchmarks/noise_pair.sh DIR_A DIR_B
+# Usage (repository root, the venv's lossreg on PATH): benchmarks/noise_pair.sh runs/pair_a runs/pair_b
 # Both folders must be new, so that each holds exactly one run.
 set -euo pipefail
 a=${1:?usage: benchmarks/noise_pair.sh DIR_A DIR_B}

@@ -1,4 +1,4 @@
-"""The pandas queries in results/README.md run as written against the committed
+"""The pandas queries in docs/results.md run as written against the committed
 results and answer something (no empty answers)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "results" / "README.md"
+README = ROOT / "docs" / "results.md"
 
 #: the variable each query of the README leaves its answer in
 ANSWERS = ("fastest", "speedup_by_dtype", "memory_saved", "failed", "devices")
@@ -28,7 +28,7 @@ def test_the_readme_queries_run_against_the_committed_results(monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), ns)  # noqa: S102 - our own README
     for name in ANSWERS:
-        assert name in ns, f"results/README.md defines no {name!r}"
+        assert name in ns, f"docs/results.md defines no {name!r}"
         answer = ns[name]
         assert isinstance(answer, (pd.DataFrame, pd.Series)), name
         if name != "failed":  # a clean run has no failed checks
