@@ -9,19 +9,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+from .tolerances import DEFAULT_TOLERANCES  # noqa: F401 - the one table, re-exported
 
-#: Default tolerances against the float64 reference: (rtol on ||out-ref||/||ref||,
-#: atol on max |out-ref|). The relative ones are DESIGN.md's; the absolute floors are
-#: a few units in the last place of 1.0 in each dtype (float32: 4 eps), so that they
-#: only rescue results whose reference is (nearly) zero and never wave through a
-#: small wrong gradient.
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-10, 1e-14),
-    "float32": (1e-5, 5e-7),
-    "bfloat16": (2e-2, 4e-3),
-    "float16": (2e-3, 5e-4),
-}
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ._validate_tabular import (
+from lossreg.validate import (
     check_device,
     check_floating,
     check_integer,

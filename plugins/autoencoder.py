@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, tl
 from lossreg.kernels.aligned_rows import aligned_rows_loss
 from lossreg.validate import check_choice, check_reduction
 
 from . import _per_sample
 from ._common import reduce_loss, reductions
-from ._validate_deep import check_float, check_mask, check_shape, check_values
+from lossreg.validate import check_float, check_mask, check_shape, check_values
 
 LOSS_TYPES = ("mse", "bce")
 
@@ -305,13 +306,13 @@ def register_implementations(register):
         "torch", reconstruction_torch, kind="baseline", backend="torch",
         description="F.mse_loss / F.binary_cross_entropy (sum), divided by the samples"))
     register("reconstruction", Impl(
-        "triton", reconstruction_triton, **triton_kw,
+        "triton", reconstruction_triton, bytes_model=streamed("input"), **triton_kw,
         description="pointwise template (mean/sum: one pass, gradient in the forward); "
                     "aligned-rows template for per-sample losses"))
     register("masked_reconstruction", Impl(
         "torch", masked_reconstruction_torch, kind="baseline", backend="torch",
         description="MAE's formulation: F.mse_loss, mean over D, times the mask"))
     register("masked_reconstruction", Impl(
-        "triton", masked_reconstruction_triton, **triton_kw,
+        "triton", masked_reconstruction_triton, bytes_model=streamed("input"), **triton_kw,
         description="aligned-rows template, patches as rows and the mask as row labels: "
                     "one pass, gradient in the forward"))

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.validate import check_choice, check_number, check_reduction
 
 from . import _per_sample
 from ._common import reduce_loss, reductions
-from ._validate_deep import check_float, check_shape, check_values
+from lossreg.validate import check_float, check_shape, check_values
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 #: -log N(x; x_hat, 1) = (x - x_hat)^2 / 2 + log(2 pi) / 2 per feature
@@ -286,7 +287,7 @@ def register_implementations(register):
         "torch", gaussian_kl_torch, kind="baseline", backend="torch",
         description="torch.distributions.kl_divergence(Normal(mu, sigma), Normal(0, 1))"))
     register("gaussian_kl", Impl(
-        "triton", gaussian_kl_triton, **triton_kw,
+        "triton", gaussian_kl_triton, bytes_model=streamed("mu", "logvar"), **triton_kw,
         description="pointwise template over (mu, logvar) (mean/sum: one pass, gradients "
                     "in the forward); aligned-rows template for per-sample KLs"))
     register("neg_elbo", Impl(
@@ -294,6 +295,6 @@ def register_implementations(register):
         description="F.mse_loss / F.binary_cross_entropy_with_logits + "
                     "torch.distributions.kl_divergence"))
     register("neg_elbo", Impl(
-        "triton", neg_elbo_triton, **triton_kw,
+        "triton", neg_elbo_triton, bytes_model=streamed("recon", "mu", "logvar"), **triton_kw,
         description="two launches of the templates, likelihood and KL: each input read "
                     "once, gradients in the forward"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, tl
 from lossreg.kernels.pairwise import pairwise_reduction
 from lossreg.kernels.pairwise_grad import pairwise_weighted_sum
@@ -40,7 +41,7 @@ from ._clustering import (
     sq_distances,
     work,
 )
-from ._validate_tabular import check_number
+from lossreg.validate import check_number
 
 #: Share of the generated points that are noise (label -1).
 NOISE_SHARE = 0.1
@@ -237,7 +238,9 @@ def register_losses(register):
 @hookimpl
 def register_implementations(register):
     register("eps_separation", Impl(
-        "triton", triton_impl, backend="triton", devices=("cuda",), requires=("triton",),
+        "triton", triton_impl,
+        bytes_model=streamed("x", fused=False),
+        backend="triton", devices=("cuda",), requires=("triton",),
         dtypes=("float32", "bfloat16", "float16"),
         description="pairwise-tile template (two sum channels per point, never n x n); "
                     "gradient from one weighted-sum pass over all pairs. eps and margin "

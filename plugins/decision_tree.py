@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, rowwise_loss, tl
 from lossreg.kernels.histogram import histogram_loss
 
 from ._common import reduce_loss, reductions
-from ._validate_tabular import (
+from lossreg.validate import (
     check_device,
     check_floating,
     check_int_option,
@@ -29,7 +30,7 @@ from ._validate_tabular import (
     check_nonempty,
     check_reduction,
     check_shape,
-    check_values_in,
+    check_values,
 )
 
 #: Classes of the generated probability rows and labels (not a power of two: the
@@ -52,7 +53,7 @@ def _validate_rows(loss, input, reduction):
     check_floating(loss, input=input)
     check_ndim(loss, "input", input, (2,), "a matrix (N, C) of class-probability rows")
     check_reduction(loss, reduction)
-    check_values_in(loss, "input", input, 0.0, 1.0, "class probabilities")
+    check_values(loss, "input", input, 0.0, 1.0, "class probabilities")
 
 
 def gini_reference(input: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -182,7 +183,7 @@ def validate_split(loss, s, target, num_classes, s_dims, s_layout):
     if num_classes is not None:
         check_int_option(loss, "num_classes", num_classes, 1)
     check_labels(loss, "target", target, num_classes)
-    check_values_in(loss, "s", s, 0.0, 1.0, "the probability of going left")
+    check_values(loss, "s", s, 0.0, 1.0, "the probability of going left")
 
 
 def soft_split_gini_reference(s: torch.Tensor, target: torch.Tensor, num_classes=None):
@@ -313,12 +314,14 @@ def register_losses(register):
 @hookimpl
 def register_implementations(register):
     for name, fn in (("gini_impurity", gini_triton), ("entropy_impurity", entropy_triton)):
-        register(name, Impl("triton", fn, backend="triton", devices=("cuda",),
+        register(name, Impl("triton", fn,
+                            bytes_model=streamed("input"), backend="triton", devices=("cuda",),
                             grad_in_forward=True, requires=("triton",),
                             description="row-wise template: one read per row, gradient in "
                                         "the forward"))
     register("soft_split_gini", Impl(
-        "triton", soft_split_gini_triton, backend="triton", devices=("cuda",),
+        "triton", soft_split_gini_triton,
+        bytes_model=streamed("s", fused=False), backend="triton", devices=("cuda",),
         requires=("triton",),
         description="histogram template: per-class left/right masses in one read of s and "
                     "y, float64 finish; backward one pass gathering dL/dH by class"))

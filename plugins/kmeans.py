@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, nanops, tl
 from lossreg.kernels.pairwise import pairwise_reduction
 from lossreg.kernels.pairwise_grad import pairwise_weighted_sum
@@ -38,7 +39,7 @@ from ._clustering import (
     work,
 )
 from ._common import reduce_loss, reductions
-from ._validate_tabular import check_number, check_reduction
+from lossreg.validate import check_number, check_reduction
 
 #: Distance entries per chunk of the chunked implementations (16 MiB in float32); read
 #: at call time, so tests may shrink it.
@@ -402,7 +403,9 @@ def register_implementations(register):
         description="nearest centroid found chunk by chunk under no_grad (O(chunk K) "
                     "memory), loss and gradients from the gathered centroids (O(n d))"))
     register("wcss", Impl(
-        "triton", wcss_triton, backend="triton", devices=("cuda",), requires=("triton",),
+        "triton", wcss_triton,
+        bytes_model=streamed("x", "centroids", fused=False),
+        backend="triton", devices=("cuda",), requires=("triton",),
         description="pairwise-tile template (min + argmin per point, never n x K); loss "
                     "and gradients from the gathered centroids"))
     register("soft_kmeans", Impl(
@@ -410,7 +413,8 @@ def register_implementations(register):
         description="forward and backward chunk by chunk (O(n d + chunk K) memory); the "
                     "backward recomputes each chunk's distances from the saved L_i"))
     register("soft_kmeans", Impl(
-        "triton", soft_kmeans_triton, backend="triton", devices=("cuda",),
+        "triton", soft_kmeans_triton,
+        bytes_model=streamed("x", "centroids", fused=False), backend="triton", devices=("cuda",),
         requires=("triton",), dtypes=("float32", "bfloat16", "float16"),
         description="pairwise-tile min, then weighted-sum passes for the softmin "
                     "normaliser and loss, and for the gradients of x (rows) and "

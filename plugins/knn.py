@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, nanops, tl
 from lossreg.kernels.aligned_rows import aligned_rows_loss
 from lossreg.kernels.pairwise import pairwise_reduction
 
 from ._common import reduce_loss, reductions
-from ._validate_tabular import (
+from lossreg.validate import (
     check_bool,
     check_choice,
     check_device,
@@ -602,14 +603,17 @@ def register_implementations(register):
     register("cosine_embedding", Impl("torch", cosine_embedding_torch, kind="baseline",
                                       description="torch.nn.functional.cosine_embedding_loss"))
     register("cosine_embedding", Impl(
-        "triton", cosine_embedding_triton, backend="triton", devices=("cuda",),
+        "triton", cosine_embedding_triton,
+        bytes_model=streamed("input1", "input2"), backend="triton", devices=("cuda",),
         grad_in_forward=True, requires=("triton",),
         description="aligned-rows template: both rows read once, gradients in the forward"))
     register("triplet", Impl("torch", triplet_torch, kind="baseline",
                              description="F.triplet_margin_loss (cosine: "
                                          "F.triplet_margin_with_distance_loss)"))
     register("triplet", Impl(
-        "triton", triplet_triton, backend="triton", devices=("cuda",), grad_in_forward=True,
+        "triton", triplet_triton,
+        bytes_model=streamed("anchor", "positive", "negative"),
+        backend="triton", devices=("cuda",), grad_in_forward=True,
         requires=("triton",),
         description="aligned-rows template: three rows read once, gradients in the forward"))
     register("batch_hard_triplet", Impl(
@@ -617,6 +621,8 @@ def register_implementations(register):
         description=f"mines {CHUNK} anchors at a time under no_grad (O(B * {CHUNK}) memory), "
                     "differentiates the gathered rows only"))
     register("batch_hard_triplet", Impl(
-        "triton", batch_hard_triton, backend="triton", devices=("cuda",), requires=("triton",),
+        "triton", batch_hard_triton,
+        bytes_model=streamed("input", fused=False),
+        backend="triton", devices=("cuda",), requires=("triton",),
         description="pairwise-tile template mines (max/min with index per anchor, never the "
                     "B x B matrix); loss and backward from the gathered rows"))

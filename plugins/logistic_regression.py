@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, libm, pointwise_loss, tl
 from lossreg.validate import (
     check_broadcasts_to,
     check_floating,
-    check_in_range,
+    check_values,
     check_number,
     check_reduction,
     check_same_shape,
@@ -28,8 +29,8 @@ def _validate_bce(input, target, weight, reduction):
     check_floating("bce", input=input, target=target)
     check_same_shape("bce", input=input, target=target)
     check_reduction("bce", reduction)
-    check_in_range("bce", "input (probabilities)", input, 0.0, 1.0)
-    check_in_range("bce", "target", target, 0.0, 1.0)
+    check_values("bce", "input (probabilities)", input, 0.0, 1.0)
+    check_values("bce", "target", target, 0.0, 1.0)
     if weight is not None:
         check_floating("bce", input=input, weight=weight)
         check_broadcasts_to("bce", "weight", weight, input.shape)
@@ -120,7 +121,7 @@ def _validate_bcel(input, target, weight, pos_weight, reduction):
     check_floating("bce_with_logits", input=input, target=target)
     check_same_shape("bce_with_logits", input=input, target=target)
     check_reduction("bce_with_logits", reduction)
-    check_in_range("bce_with_logits", "target", target, 0.0, 1.0)
+    check_values("bce_with_logits", "target", target, 0.0, 1.0)
     if weight is not None:
         check_floating("bce_with_logits", input=input, weight=weight)
         check_broadcasts_to("bce_with_logits", "weight", weight, input.shape)
@@ -289,13 +290,13 @@ def register_implementations(register):
                      requires=("triton",))
     register("bce", Impl("torch", bce_torch, kind="baseline", backend="torch",
                          description="torch.nn.functional.binary_cross_entropy"))
-    register("bce", Impl("triton", bce_triton, **triton_kw,
+    register("bce", Impl("triton", bce_triton, bytes_model=streamed("input", "target"), **triton_kw,
                          description="pointwise template, weighted: one pass, gradient in "
                                      "the forward"))
     register("bce_with_logits", Impl(
         "torch", bce_with_logits_torch, kind="baseline", backend="torch",
         description="torch.nn.functional.binary_cross_entropy_with_logits"))
     register("bce_with_logits", Impl(
-        "triton", bce_with_logits_triton, **triton_kw,
+        "triton", bce_with_logits_triton, bytes_model=streamed("input", "target"), **triton_kw,
         description="pointwise template; a tensor pos_weight is a third operand read "
                     "modulo its length (no broadcast copy)"))

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss, rowwise_loss, tl
 
 from ._common import POINTWISE_SIZES, reduce_loss, reductions
-from ._validate_tabular import (
+from lossreg.validate import (
     check_bool,
     check_device,
     check_floating,
@@ -308,14 +309,16 @@ def register_implementations(register):
     register("nll", Impl("torch", nll_torch, kind="baseline",
                          description="torch.nn.functional.nll_loss"))
     register("nll", Impl(
-        "triton", nll_triton, backend="triton", devices=("cuda",), grad_in_forward=True,
+        "triton", nll_triton,
+        bytes_model=streamed("input"), backend="triton", devices=("cuda",), grad_in_forward=True,
         requires=("triton",),
         description="row-wise template with per-class weights (ignored rows: a zero-weight "
                     "extra class); mean divides by the kept weight"))
     register("gaussian_nll", Impl("torch", gaussian_nll_torch, kind="baseline",
                                   description="torch.nn.functional.gaussian_nll_loss"))
     register("gaussian_nll", Impl(
-        "triton", gaussian_nll_triton, backend="triton", devices=("cuda",),
+        "triton", gaussian_nll_triton,
+        bytes_model=streamed("input", "var"), backend="triton", devices=("cuda",),
         grad_in_forward=True, requires=("triton",),
         description="pointwise template, target as the third operand; a broadcast var is "
                     "expanded and its gradient summed by autograd"))

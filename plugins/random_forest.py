@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, tl
 from lossreg.kernels.histogram import histogram_loss
 
 from ._common import reduce_loss, reductions
-from ._validate_tabular import (
+from lossreg.validate import (
     check_device,
     check_floating,
     check_ndim,
@@ -26,7 +27,7 @@ from ._validate_tabular import (
     check_reduction,
     check_same_dtype,
     check_shape,
-    check_values_in,
+    check_values,
 )
 from .decision_tree import (
     CITATION_GINI,
@@ -92,7 +93,7 @@ def _validate_variance(s, target):
     check_device("split_variance", "s", s, target=target)
     check_shape("split_variance", "target", target, s.shape, "one regression target per "
                 "sample")
-    check_values_in("split_variance", "s", s, 0.0, 1.0, "the probability of going left")
+    check_values("split_variance", "s", s, 0.0, 1.0, "the probability of going left")
 
 
 def _child_sse(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,11 +205,14 @@ def register_losses(register):
 @hookimpl
 def register_implementations(register):
     register("forest_gini", Impl(
-        "triton", forest_gini_triton, backend="triton", devices=("cuda",), requires=("triton",),
+        "triton", forest_gini_triton,
+        bytes_model=streamed("s", fused=False),
+        backend="triton", devices=("cuda",), requires=("triton",),
         description="histogram template: per-tree, per-class left/right masses in one read "
                     "of s, float64 finish"))
     register("split_variance", Impl(
-        "triton", split_variance_triton, backend="triton", devices=("cuda",),
+        "triton", split_variance_triton,
+        bytes_model=streamed("s", fused=False), backend="triton", devices=("cuda",),
         requires=("triton",),
         description="histogram template, one bin: five float64 sums in one read, shifted by "
                     "the first target"))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, libm, pointwise_loss, tl
 from lossreg.kernels.masked_tokens import masked_tokens_loss
 from lossreg.kernels.pointwise import PointwiseLoss
@@ -32,7 +33,7 @@ from lossreg.validate import (
 )
 
 from ._common import pointwise_flops, reduce_loss, reductions
-from ._validate_deep import check_device, check_float, check_index, check_mask, check_shape
+from lossreg.validate import check_device, check_float, check_index, check_mask, check_shape
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -670,23 +671,24 @@ def register_implementations(register):
         "torch", reward_bt_torch, kind="baseline", backend="torch",
         description="F.binary_cross_entropy_with_logits(h, 1)"))
     register("reward_bt", Impl(
-        "triton", reward_bt_triton, **triton_kw,
+        "triton", reward_bt_triton, bytes_model=streamed("chosen", "rejected"), **triton_kw,
         description="pointwise template; a margin tensor is its third operand"))
     register("dpo", Impl(
         "torch", dpo_torch, kind="baseline", backend="torch",
         description="F.binary_cross_entropy_with_logits (sigmoid, cDPO), F.mse_loss (ipo), "
                     "F.relu (hinge), in float32 for 16-bit log-probs"))
     register("dpo", Impl(
-        "triton", dpo_triton, **triton_kw,
+        "triton", dpo_triton,
+        bytes_model=streamed("policy_chosen_logps", "policy_rejected_logps"), **triton_kw,
         description="pointwise template, the reference log-ratio as third operand"))
     register("ppo_clip", Impl(
-        "triton", ppo_clip_triton, **triton_kw,
+        "triton", ppo_clip_triton, bytes_model=streamed("log_probs"), **triton_kw,
         description="masked-tokens template: mask counted, then each token read once, "
                     "gradient in the forward"))
     register("q_td", Impl(
         "torch", q_td_torch, kind="baseline", backend="torch",
         description="gather, max over target_q, F.huber_loss"))
     register("q_td", Impl(
-        "triton", q_td_triton, **triton_kw,
+        "triton", q_td_triton, bytes_model=streamed("q"), **triton_kw,
         description="TD template: target_q read once (row max), q gathered, gradient of q "
                     "written once in the forward"))

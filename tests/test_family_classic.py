@@ -40,8 +40,8 @@ def assert_close(out, expected, dtype, what=""):
     diff = (out[fin] - expected[fin]).abs()
     norm = float(expected[fin].norm())
     rel = float(diff.norm()) / norm if norm > 0 else float(diff.max())
-    tol = TOL[dtype]
-    assert rel <= tol or float(diff.max()) <= tol, f"{what}: rel {rel:.3g}, max {diff.max():.3g}"
+    rtol, atol = TOL[dtype]
+    assert rel <= rtol or float(diff.max()) <= atol, f"{what}: rel {rel:.3g}, max {diff.max():.3g}"
 
 
 def reduce(loss, reduction):

@@ -1,13 +1,10 @@
-"""One table of per-dtype tolerances for the kernel tests: (rtol, atol) against float64."""
+"""The tests' view of the one tolerance table (`lossreg.tolerances`), keyed by torch
+dtype: (rtol, atol) against the float64 reference, the same figures `lossreg check` uses."""
 
-import torch
+from lossreg.spec import DTYPES
+from lossreg.tolerances import DEFAULT_TOLERANCES
 
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
+TOL = {DTYPES[name]: tol for name, tol in DEFAULT_TOLERANCES.items()}
 
 
 def assert_close64(out, ref64, dtype, what=""):
