@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss, rowwise_loss, tl
 from lossreg.validate import (
     check_class_labels,
@@ -186,9 +187,10 @@ def register_losses(register):
 def register_implementations(register):
     triton_kw = dict(backend="triton", devices=("cuda",), grad_in_forward=True,
                      requires=("triton",))
-    register("exponential", Impl("triton", exponential_triton, **triton_kw,
+    register("exponential", Impl("triton", exponential_triton,
+                                 bytes_model=streamed("input"), **triton_kw,
                                  description="pointwise template, exp_form: one pass, "
                                              "gradient in the forward"))
-    register("samme", Impl("triton", samme_triton, **triton_kw,
+    register("samme", Impl("triton", samme_triton, bytes_model=streamed("input"), **triton_kw,
                            description="row-wise template, exp_form: each row read once, "
                                        "its gradient written in the forward"))

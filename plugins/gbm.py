@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss, tl
 from lossreg.validate import check_floating, check_number, check_reduction, check_same_shape
 
@@ -184,8 +185,11 @@ def register_implementations(register):
                      description="pointwise template: one pass, gradient in the forward")
     register("mae", Impl("torch", mae_torch, kind="baseline",
                          description="torch.nn.functional.l1_loss"))
-    register("mae", Impl("triton", mae_triton, **triton_kw))
+    register("mae", Impl("triton", mae_triton,
+                         bytes_model=streamed("input", "target"), **triton_kw))
     register("huber", Impl("torch", huber_torch, kind="baseline",
                            description="torch.nn.functional.huber_loss"))
-    register("huber", Impl("triton", huber_triton, **triton_kw))
-    register("quantile", Impl("triton", quantile_triton, **triton_kw))
+    register("huber", Impl("triton", huber_triton,
+                           bytes_model=streamed("input", "target"), **triton_kw))
+    register("quantile", Impl("triton", quantile_triton,
+                              bytes_model=streamed("input", "target"), **triton_kw))

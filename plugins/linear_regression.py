@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss
 from lossreg.validate import check_reduction, check_same_shape, check_floating
 
@@ -90,6 +91,8 @@ def register_losses(register):
 def register_implementations(register):
     register("mse", Impl("torch", mse_torch, kind="baseline", backend="torch",
                          description="torch.nn.functional.mse_loss"))
-    register("mse", Impl("triton", mse_triton, backend="triton", devices=("cuda",),
+    register("mse", Impl("triton", mse_triton,
+                         bytes_model=streamed("input", "target"),
+                         backend="triton", devices=("cuda",),
                          grad_in_forward=True, requires=("triton",),
                          description="pointwise template: one pass, gradient in the forward"))

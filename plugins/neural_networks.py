@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels.softmax import cross_entropy as _ce_kernel
 from lossreg.validate import check_reduction
 
@@ -256,11 +257,12 @@ def register_implementations(register):
                   grad_in_forward=True)
     register("cross_entropy", Impl("torch", ce_torch, kind="baseline",
                                    description="F.cross_entropy (+ z-loss term)"))
-    register("cross_entropy", Impl("triton", ce_triton, **triton,
+    register("cross_entropy", Impl("triton", ce_triton, bytes_model=streamed("input"), **triton,
                                    description="online logsumexp, gradient in the forward"))
-    register("cross_entropy", Impl("triton_inplace", ce_triton_inplace, **triton,
+    register("cross_entropy", Impl("triton_inplace", ce_triton_inplace,
+                                   bytes_model=streamed("input"), **triton,
                                    description="as triton, gradient written over the logits"))
     register("perplexity", Impl("torch", ppl_torch, kind="baseline",
                                 description="exp(F.cross_entropy)"))
-    register("perplexity", Impl("triton", ppl_triton, **triton,
+    register("perplexity", Impl("triton", ppl_triton, bytes_model=streamed("input"), **triton,
                                 description="exp of the Triton cross-entropy"))

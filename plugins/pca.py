@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels.projection import project_rows
 from lossreg.validate import check_floating, check_reduction
 
@@ -176,5 +177,7 @@ def register_implementations(register):
     register("pca_reconstruction", Impl(
         "projected", projected, description="through z = W^T x; no n x d reconstruction"))
     register("pca_reconstruction", Impl(
-        "triton", projected_triton, backend="triton", devices=("cuda",), requires=("triton",),
+        "triton", projected_triton,
+        bytes_model=streamed("weight", fused=False),
+        backend="triton", devices=("cuda",), requires=("triton",),
         description="row projection template: z, ||x||^2 (and x . mu) from one read of x"))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss, rowwise_loss, tl
 from lossreg.validate import (
     check_choice,
@@ -340,18 +341,21 @@ def register_losses(register):
 def register_implementations(register):
     triton_kw = dict(backend="triton", devices=("cuda",), grad_in_forward=True,
                      requires=("triton",))
-    register("hinge", Impl("triton", hinge_triton, **triton_kw,
+    register("hinge", Impl("triton", hinge_triton, bytes_model=streamed("input"), **triton_kw,
                            description="pointwise template: one pass, gradient in the forward"))
-    register("squared_hinge", Impl("triton", squared_hinge_triton, **triton_kw,
+    register("squared_hinge", Impl("triton", squared_hinge_triton,
+                                   bytes_model=streamed("input"), **triton_kw,
                                    description="pointwise template: one pass, gradient in the "
                                                "forward"))
     register("multiclass_hinge", Impl("torch", multiclass_hinge_torch, kind="baseline",
                                       description="torch.nn.functional.multi_margin_loss"))
-    register("multiclass_hinge", Impl("triton", multiclass_hinge_triton, **triton_kw,
+    register("multiclass_hinge", Impl("triton", multiclass_hinge_triton,
+                                      bytes_model=streamed("input"), **triton_kw,
                                       description="row-wise template: each row read once, "
                                                   "its gradient written in the forward"))
     register("margin_ranking", Impl("torch", margin_ranking_torch, kind="baseline",
                                     description="torch.nn.functional.margin_ranking_loss"))
-    register("margin_ranking", Impl("triton", margin_ranking_triton, **triton_kw,
+    register("margin_ranking", Impl("triton", margin_ranking_triton,
+                                    bytes_model=streamed("input1", "input2"), **triton_kw,
                                     description="pointwise template with the labels as a "
                                                 "third operand"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 
 from . import contrastive, distill, linear_ce, lm
 
@@ -254,11 +255,13 @@ def register_losses(register):
 def register_implementations(register):
     register("causal_lm", Impl("torch", lm.causal_torch, kind="baseline",
                                description="shifted view + F.cross_entropy"))
-    register("causal_lm", Impl("triton", lm.causal_triton, grad_in_forward=True, **TRITON,
+    register("causal_lm", Impl("triton", lm.causal_triton,
+                               bytes_model=streamed("logits"), grad_in_forward=True, **TRITON,
                                description="cross_entropy kernel over the unshifted rows"))
     register("seq2seq", Impl("torch", lm.seq2seq_torch, kind="baseline",
                              description="F.cross_entropy per token + normalization"))
-    register("seq2seq", Impl("triton", lm.seq2seq_triton, **TRITON,
+    register("seq2seq", Impl("triton", lm.seq2seq_triton,
+                             bytes_model=streamed("logits", fused=False), **TRITON,
                              description="cross_entropy kernel"))
     register("fused_linear_cross_entropy", Impl(
         "torch", linear_ce.flce_torch, kind="baseline",
@@ -267,25 +270,30 @@ def register_implementations(register):
         "chunked", linear_ce.flce_chunked, grad_in_forward=True,
         description="row chunks from a memory budget; eager CE per chunk"))
     register("fused_linear_cross_entropy", Impl(
-        "triton", linear_ce.flce_triton, grad_in_forward=True, **TRITON,
+        "triton", linear_ce.flce_triton,
+        bytes_model=streamed("hidden", "weight", "bias"), grad_in_forward=True, **TRITON,
         description="row chunks; the Triton CE kernel turns each logit chunk into its "
                     "gradient in place"))
     register("mlm", Impl("selected", linear_ce.mlm_selected, grad_in_forward=True,
                          description="masked rows first, then chunked fused linear CE"))
-    register("mlm", Impl("triton", linear_ce.mlm_triton, grad_in_forward=True, **TRITON,
+    register("mlm", Impl("triton", linear_ce.mlm_triton,
+                         bytes_model=streamed("hidden", "weight"), grad_in_forward=True, **TRITON,
                          description="masked rows first, then Triton fused linear CE"))
     register("info_nce", Impl("chunked", contrastive.chunked,
                               description="row blocks of S, online column logsumexp"))
-    register("info_nce", Impl("triton", contrastive.triton_impl, **TRITON,
+    register("info_nce", Impl("triton", contrastive.triton_impl,
+                              bytes_model=streamed("u", "v", fused=False), **TRITON,
                               description="logsumexps from the pairwise template"))
     register("kl_distillation", Impl("torch", distill.kl_torch, kind="baseline",
                                      description="F.kl_div on log-softmaxes"))
-    register("kl_distillation", Impl("triton", distill.kl_triton, grad_in_forward=True,
+    register("kl_distillation", Impl("triton", distill.kl_triton,
+                                     bytes_model=streamed("student"), grad_in_forward=True,
                                      **TRITON, description="one program per row, gradient "
                                                            "in the forward"))
     register("fused_linear_distillation", Impl(
         "chunked", distill.fld_chunked, grad_in_forward=True,
         description="row chunks of both logit blocks; eager divergence"))
     register("fused_linear_distillation", Impl(
-        "triton", distill.fld_triton, grad_in_forward=True, **TRITON,
+        "triton", distill.fld_triton,
+        bytes_model=streamed("student_hidden", "student_weight"), grad_in_forward=True, **TRITON,
         description="row chunks; Triton divergence kernel"))
