@@ -1,11 +1,45 @@
-"""lossreg: a plugin registry of loss functions and a harness that proves and times them."""
+"""lossreg: a plugin registry of loss functions and a harness that proves and times them.
 
-from .hookspecs import hookimpl
-from .registry import get, losses, reload
-from .results import load_results
-from .spec import Case, Impl, LossSpec, UnsupportedOption
+The public names load on first use (module ``__getattr__``), so ``import lossreg`` and
+``lossreg --help`` pay for neither torch nor pandas; a plugin's ``from lossreg import
+LossSpec`` loads only the spec module (and torch, which it needs anyway).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule that defines it
+_LAZY = {
+    "Case": "spec",
+    "Impl": "spec",
+    "LossSpec": "spec",
+    "UnsupportedOption": "spec",
+    "SpecError": "spec",
+    "hookimpl": "hookspecs",
+    "get": "registry",
+    "losses": "registry",
+    "reload": "registry",
+    "PluginError": "registry",
+    "UnknownLossError": "registry",
+    "load_results": "results",
+    "ResultsWriteError": "results",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lossreg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def check(names=None, **kwargs):
@@ -22,5 +56,6 @@ def bench(names=None, **kwargs):
     return _bench(names, **kwargs)
 
 
-__all__ = ["Case", "Impl", "LossSpec", "UnsupportedOption", "bench", "check", "get", "hookimpl", "load_results",
-           "losses", "reload"]
+__all__ = ["Case", "Impl", "LossSpec", "PluginError", "ResultsWriteError", "SpecError",
+           "UnknownLossError", "UnsupportedOption", "bench", "check", "get", "hookimpl",
+           "load_results", "losses", "reload"]

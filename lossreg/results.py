@@ -13,15 +13,18 @@ starting with ``_`` or ``.``, and would otherwise choke on the PNGs.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas loads when a DataFrame is made (to_pandas), not at import
+    import pandas as pd
 
 SCHEMA = pa.schema(
     [
@@ -75,6 +78,16 @@ COLUMNS = SCHEMA.names
 STATUSES = ("ok", "fail", "error", "skipped")
 
 
+class ResultsWriteError(OSError):
+    """The results could not be written (disk full, ``--out`` not writable). Its message
+    is one line saying where and why, and how many rows are already safe on disk."""
+
+
+def _write_error(what: str, path: Path, exc: OSError, kept: str) -> ResultsWriteError:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return ResultsWriteError(exc.errno, f"cannot {what} {str(path)!r}: {reason}; {kept}")
+
+
 def to_table(rows: Iterable[dict]) -> pa.Table:
     rows = list(rows)
     unknown = {k for r in rows for k in r} - set(COLUMNS)
@@ -84,10 +97,15 @@ def to_table(rows: Iterable[dict]) -> pa.Table:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a hidden temporary name in the same folder, then rename into place."""
+    """Write to a hidden temporary name in the same folder, then rename into place; a
+    failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(text: str, path: Path) -> None:
@@ -108,11 +126,23 @@ class ResultWriter:
         self.parts = 0
         self.rows = 0
 
+    def _kept(self) -> str:
+        if not self.rows:
+            return "no rows were written"
+        return f"the {self.rows} rows written before are kept in {str(self.location)!r}"
+
     def write(self, rows: list[dict]) -> None:
+        """One atomic part file; ``ResultsWriteError`` (an OSError) when the disk is full
+        or the folder is not writable, the parts already written untouched."""
         if not rows:
             return
-        self.part_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(to_table(rows), self.part_dir / f"part-{self.parts:05d}.parquet")
+        table = to_table(rows)
+        path = self.part_dir / f"part-{self.parts:05d}.parquet"
+        try:
+            self.part_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(table, path)
+        except OSError as exc:
+            raise _write_error("write results to", self.part_dir, exc, self._kept()) from exc
         self.parts += 1
         self.rows += len(rows)
 
@@ -135,7 +165,11 @@ class ResultWriter:
             table = pa.concat_tables(
                 pq.read_table(p, schema=SCHEMA)
                 for p in sorted(self.part_dir.glob("part-*.parquet")))
-        write_atomic(table, self.final)
+        try:
+            write_atomic(table, self.final)
+        except OSError as exc:
+            raise _write_error("write the consolidated run", self.final, exc,
+                               self._kept()) from exc
         trash = self.out / f"_{self.run_id}.parts-done"
         os.replace(self.part_dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -150,12 +184,56 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(("_", ".")) for part in path.relative_to(root).parts)
 
 
+def _type_conforms(expected: pa.DataType, actual: pa.DataType) -> bool:
+    """The column's type is the schema's, or one that converts to it without loss of
+    meaning: all nulls, a narrower int (or an int for a float), large or dictionary
+    strings, a timestamp of another unit."""
+    if actual == expected or pa.types.is_null(actual):
+        return True
+    if pa.types.is_dictionary(actual):
+        actual = actual.value_type
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_timestamp(expected):
+        return pa.types.is_timestamp(actual)
+    return False
+
+
+def conform(t: pa.Table) -> pa.Table:
+    """The table in the schema's column order and types (missing columns null, extra ones
+    kept at the end); ValueError naming every column whose type is not the schema's and
+    every unknown status."""
+    if "loss" not in t.column_names or "status" not in t.column_names:
+        raise ValueError("not a lossreg results file (no loss/status columns)")
+    wrong = [f"{c} is {t.schema.field(c).type}, expected {SCHEMA.field(c).type}"
+             for c in COLUMNS
+             if c in t.column_names and not _type_conforms(SCHEMA.field(c).type,
+                                                           t.schema.field(c).type)]
+    if wrong:
+        raise ValueError("column types differ from the schema: " + "; ".join(wrong))
+    for c in COLUMNS:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, SCHEMA.field(c).type))
+    extra = [c for c in t.column_names if c not in COLUMNS]
+    t = t.select(COLUMNS + extra)
+    t = t.cast(pa.schema([SCHEMA.field(c) for c in COLUMNS] + [t.schema.field(c) for c in extra]))
+    statuses = {s for s in t.column("status").unique().to_pylist()}
+    unknown = sorted(str(s) for s in statuses - set(STATUSES))
+    if unknown:
+        raise ValueError(f"status values {unknown} are not among {list(STATUSES)}")
+    return t
+
+
 def load_results(path: str | os.PathLike = "results", strict: bool = False) -> pd.DataFrame:
     """Every row under `path` (a directory of runs, or one Parquet file) as a DataFrame.
 
     Files written before a column existed load with nulls in it. A file that is not
-    readable Parquet of this schema is skipped with a warning naming it, or raises
-    with ``strict=True``.
+    readable Parquet, or whose columns' types are not the schema's (see `conform`), is
+    skipped with a warning naming it, or raises ValueError with ``strict=True``.
     """
     root = Path(path)
     if not root.exists():
@@ -167,18 +245,8 @@ def load_results(path: str | os.PathLike = "results", strict: bool = False) -> p
     tables = []
     for f in files:
         try:
-            t = pq.read_table(f)
-            missing = [c for c in COLUMNS if c not in t.column_names]
-            if "loss" not in t.column_names or "status" not in t.column_names:
-                raise ValueError("not a lossreg results file (no loss/status columns)")
-            for c in missing:
-                t = t.append_column(c, pa.nulls(t.num_rows, SCHEMA.field(c).type))
-            extra = [c for c in t.column_names if c not in COLUMNS]
-            t = t.select(COLUMNS + extra)
-            t = t.cast(pa.schema([SCHEMA.field(c) for c in COLUMNS]
-                                 + [t.schema.field(c) for c in extra]))
-            tables.append(t)
-        except Exception as exc:  # noqa: BLE001
+            tables.append(conform(pq.read_table(f)))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped or raised
             if strict:
                 raise ValueError(f"unreadable results file {str(f)!r}: {exc}") from exc
             warnings.warn(f"skipping unreadable results file {str(f)!r}: {exc}", stacklevel=2)

@@ -80,3 +80,86 @@ def test_missing_path(tmp_path):
 
 def test_empty_schema_table():
     assert SCHEMA.empty_table().num_columns == len(COLUMNS)
+
+
+def test_right_names_wrong_types_are_skipped_by_name(tmp_path):
+    ResultWriter(tmp_path, "r").write([_row("r")])
+    junk = pa.table({c: pa.array(["x"], pa.string()) for c in COLUMNS})  # n, time_ms ... as text
+    pq.write_table(junk, tmp_path / "typed_wrong.parquet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = load_results(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any("typed_wrong.parquet" in m and "n is string, expected int64" in m
+               for m in messages), messages
+    assert len(df) == 1 and df.n.tolist() == [1024]
+    with pytest.raises(ValueError, match=r"typed_wrong\.parquet.*time_ms is string"):
+        load_results(tmp_path, strict=True)
+
+
+def test_unknown_status_and_widened_types(tmp_path):
+    # narrower ints and an int for a float column conform; an unknown status does not
+    pq.write_table(pa.table({"loss": ["mse"], "status": ["ok"], "n": pa.array([7], pa.int32()),
+                             "time_ms": pa.array([3], pa.int16())}), tmp_path / "narrow.parquet")
+    pq.write_table(pa.table({"loss": ["mse"], "status": ["maybe"]}), tmp_path / "odd.parquet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = load_results(tmp_path)
+    assert [str(w.message) for w in caught if "odd.parquet" in str(w.message)]
+    assert "maybe" not in set(df.status)
+    assert df.n.tolist() == [7] and df.time_ms.tolist() == [3.0]
+    assert str(df.n.dtype) == "int64"
+
+
+def test_full_disk_raises_one_line_and_keeps_written_rows(tmp_path, monkeypatch):
+    import errno
+
+    from lossreg import results
+
+    w = ResultWriter(tmp_path, "r")
+    w.write([_row("r", n=1), _row("r", n=2)])
+
+    def full(table, where, **kw):
+        open(where, "wb").write(b"partial")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.pq, "write_table", full)
+    with pytest.raises(results.ResultsWriteError) as info:
+        w.write([_row("r", n=3)])
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    message = str(info.value)
+    assert "\n" not in message and "disk full" in message and "2 rows" in message
+    with pytest.raises(results.ResultsWriteError, match="consolidated"):
+        w.finish()
+    monkeypatch.undo()
+    assert not list(tmp_path.rglob(".*.tmp"))  # no half-written temporary left
+    assert sorted(load_results(tmp_path).n) == [1, 2]
+    assert w.finish() is not None and sorted(load_results(tmp_path).n) == [1, 2]
+
+
+def test_unwritable_out_raises_results_write_error(tmp_path):
+    import os
+
+    from lossreg.results import ResultsWriteError
+
+    blocked = tmp_path / "file_not_dir"
+    blocked.write_text("a file where the out folder should be")
+    with pytest.raises(ResultsWriteError, match="cannot write results to"):
+        ResultWriter(blocked, "r").write([_row("r")])
+
+
+def test_read_only_out_raises_results_write_error(tmp_path):
+    import os
+
+    from lossreg.results import ResultsWriteError
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as a user that can write anywhere")
+        with pytest.raises(ResultsWriteError, match="no rows were written"):
+            ResultWriter(ro, "r").write([_row("r")])
+    finally:
+        ro.chmod(0o700)
