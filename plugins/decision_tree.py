@@ -126,7 +126,7 @@ def _one_hot_rows(case, rows, classes):
 ROW_EDGE_CASES = {
     "one_row": lambda case: {"input": probability_rows(case, 1)},
     "rows_not_multiple_of_block": lambda case: {"input": probability_rows(case, 411, 7)},
-    "one_class": lambda case: {"input": torch.ones(5, 1, dtype=case.dtype)},
+    "one_class": lambda case: {"input": torch.ones(5, 1, dtype=case.dtype, device=case.device)},
     "many_classes": lambda case: {"input": probability_rows(case, 6, 1000)},
     "pure_rows": lambda case: {"input": torch.cat([_one_hot_rows(case, 5, CLASSES),
                                                    probability_rows(case, 5)])},
@@ -137,7 +137,8 @@ ENTROPY_EDGE_CASES = {
     "exact_zeros": lambda case: {"input": torch.cat([
         _one_hot_rows(case, 4, CLASSES),
         torch.softmax(case.randn(4, CLASSES), 1) * (case.rand(4, CLASSES) > 0.5),
-        torch.full((1, CLASSES), 1.0 / CLASSES, dtype=case.dtype)]).clamp(0, 1)},
+        torch.full((1, CLASSES), 1.0 / CLASSES, dtype=case.dtype, device=case.device),
+    ]).clamp(0, 1)},
 }
 
 
@@ -253,11 +254,12 @@ def _hard_split(case, n):
 SPLIT_EDGE_CASES = {
     "hard_split": lambda case: {"s": _hard_split(case, 300), "target": case.randint(0, 3, 300)},
     "one_class": lambda case: {"s": 0.1 + 0.8 * case.rand(77),
-                               "target": torch.full((77,), 2, dtype=torch.int64)},
+                               "target": torch.full((77,), 2, dtype=torch.int64,
+                                                     device=case.device)},
     "tail_not_multiple_of_block": lambda case: split_inputs(case, 4097, 4),
     "many_classes": lambda case: split_inputs(case, 2000, 100),
-    "one_sample": lambda case: {"s": torch.full((1,), 0.3, dtype=case.dtype),
-                                "target": torch.zeros(1, dtype=torch.int64)},
+    "one_sample": lambda case: {"s": torch.full((1,), 0.3, dtype=case.dtype, device=case.device),
+                                "target": torch.zeros(1, dtype=torch.int64, device=case.device)},
 }
 
 

@@ -148,7 +148,7 @@ COSINE_EDGE_CASES = {
     "wide_rows": lambda case: cosine_inputs(case, 5, 3000),
     "odd_width": lambda case: cosine_inputs(case, 37, 33),
     "all_similar": lambda case: {**cosine_inputs(case, 40),
-                                 "target": torch.ones(40, dtype=torch.int64)},
+                                 "target": torch.ones(40, dtype=torch.int64, device=case.device)},
     "float_labels": lambda case: {**cosine_inputs(case, 40),
                                   "target": _pm1(case, 40).to(case.dtype)},
 }
@@ -513,7 +513,7 @@ def _tied_batch(case, classes: int = 8, members: int = 6):
 BATCH_EDGE_CASES = {
     "ties": _tied_batch,
     "smallest_batch": lambda case: {"input": case.randn(4, 16),
-                                    "target": torch.tensor([0, 1, 0, 1])},
+                                    "target": torch.tensor([0, 1, 0, 1], device=case.device)},
     "not_multiple_of_tile": lambda case: batch_inputs(case, 67, 33),
     "two_classes": lambda case: {"input": case.randn(70, 24),
                                  "target": batch_labels(case, 70, per_class=35)},

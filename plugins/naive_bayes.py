@@ -130,10 +130,12 @@ def _class_weights(case, classes=CLASSES):
 NLL_EDGE_CASES = {
     # torch's semantics: mean over no kept row is nan (its gradient 0)
     "all_ignored": lambda case: {"input": log_probabilities(case, 20),
-                                 "target": torch.full((20,), -100, dtype=torch.int64)},
+                                 "target": torch.full((20,), -100, dtype=torch.int64,
+                                                       device=case.device)},
     "class_weights": lambda case: {**nll_inputs(case, 300), "weight": _class_weights(case)},
     "weights_all_ignored": lambda case: {"input": log_probabilities(case, 20),
-                                         "target": torch.full((20,), -100, dtype=torch.int64),
+                                         "target": torch.full((20,), -100, dtype=torch.int64,
+                                                               device=case.device),
                                          "weight": _class_weights(case)},
     "one_row": lambda case: nll_inputs(case, 1, ignored=0.0),
     "many_classes": lambda case: nll_inputs(case, 7, classes=5000),

@@ -142,6 +142,12 @@ def _in_span(case):
     return {"x": x.to(case.dtype), "weight": q.to(case.dtype)}
 
 
+def _one_row(case):
+    """One row of data, as wide as the case's W (its ``dim`` parameter)."""
+    inputs = make_inputs(case)
+    return {**inputs, "x": case.randn(1, inputs["weight"].shape[0])}
+
+
 @hookimpl
 def register_losses(register):
     register(LossSpec(
@@ -168,7 +174,7 @@ def register_losses(register):
         flops=lambda inp: {"forward": 4 * inp["x"].numel() * inp["weight"].shape[1],
                            "full": 10 * inp["x"].numel() * inp["weight"].shape[1]},
         edge_cases={"near_span_of_w": _in_span,
-                    "one_row": lambda c: {**make_inputs(c), "x": c.randn(1, 37)}},
+                    "one_row": _one_row},
     ))
 
 

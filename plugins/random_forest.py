@@ -161,8 +161,9 @@ VARIANCE_EDGE_CASES = {
     "large_offset": lambda case: variance_inputs(case, 3000, offset=1e4),
     "hard_split": lambda case: {"s": _hard_split(case, 257), "target": case.randn(257)},
     "tail_not_multiple_of_block": lambda case: variance_inputs(case, 4097),
-    "two_samples": lambda case: {"s": torch.tensor([0.25, 0.6], dtype=case.dtype),
-                                 "target": torch.tensor([1.5, -0.5], dtype=case.dtype)},
+    "two_samples": lambda case: {
+        "s": torch.tensor([0.25, 0.6], dtype=case.dtype, device=case.device),
+        "target": torch.tensor([1.5, -0.5], dtype=case.dtype, device=case.device)},
 }
 
 

@@ -56,3 +56,13 @@ def test_validation():
         f(torch.randn(4, 5), torch.randn(5, 2), center="yes")
     with pytest.raises(TypeError, match="floating-point"):
         f(torch.ones(4, 5, dtype=torch.int64), torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("dim", [29, 37])
+def test_one_row_edge_case_follows_the_case_dim(dim):
+    """The one_row edge case is as wide as the case's W, whatever ``dim`` the preset sets
+    (it once hard-coded 37 features and failed at every other width)."""
+    inputs = SPEC.edge_cases["one_row"](Case(n=1, seed=2, params={"dim": dim, "rank": 4}))
+    assert inputs["x"].shape == (1, dim) and inputs["weight"].shape == (dim, 4)
+    ref = SPEC.reference(**{k: v.double() for k, v in inputs.items()})
+    assert_close64(SPEC.implementations["projected"].fn(**inputs), ref, torch.float32)
