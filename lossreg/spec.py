@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from . import fields as F
+from .fields import NAME_RE  # noqa: F401 - public since the first release
 from .tolerances import DEFAULT_TOLERANCES  # noqa: F401 - the one table, re-exported
-
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -22,25 +21,59 @@ DTYPES: dict[str, torch.dtype] = {
 
 IMPL_KINDS = ("reference", "optimized", "baseline")
 BACKENDS_BUILTIN = ("torch", "triton", "compile")
+assert tuple(DTYPES) == F.DTYPE_NAMES
 
 
 class SpecError(ValueError):
     """A plugin registered something malformed."""
 
 
+#: Impl field -> its rule (lossreg.fields): one line per field.
+IMPL_FIELDS: dict[str, F.Rule] = {
+    "name": F.name,
+    "fn": F.function,
+    "kind": F.one_of(*IMPL_KINDS),
+    "backend": F.token,
+    "devices": F.names_of(F.one_of(*F.DEVICE_TYPES), f"device types among {list(F.DEVICE_TYPES)}"),
+    "dtypes": F.optional(F.names_of(F.one_of(*F.DTYPE_NAMES), f"dtypes among {list(DTYPES)}")),
+    "grad_in_forward": F.boolean,
+    "requires": F.names_of(F.token, "module names"),
+    "uses_triton": F.optional(F.boolean),
+    "description": F.text,
+    "bytes_model": F.optional(F.function),
+    "plugin": F.text,
+}
+
+#: LossSpec field -> its rule (lossreg.fields): one line per field.
+LOSSSPEC_FIELDS: dict[str, F.Rule] = {
+    "name": F.name,
+    "family": F.name,
+    "formula": F.nonempty_text,
+    "reference": F.function,
+    "make_inputs": F.function,
+    "title": F.text,
+    "description": F.text,
+    "citation": F.text,
+    "options": F.options,
+    "grad_inputs": F.optional(F.names_of(F.identifier, "input names")),
+    "sizes": F.sizes,
+    "x_name": F.identifier,
+    "input_params": F.input_params,
+    "bytes_moved": F.optional(F.function),
+    "flops": F.optional(F.function),
+    "tolerances": F.tolerances,
+    "edge_cases": F.edge_cases,
+    "check_options": F.option_sets,
+    "mean_count": F.optional(F.function),
+    "input_domains": F.input_domains,
+    "plugin": F.text,
+}
+
+
 class UnsupportedOption(ValueError):
     """Raised by an implementation for an option set it cannot express (a peer
     library without ``reduction='none'``, say). Still a ValueError for callers; the
     harness reports such a case as ``skipped`` with the message, not as an error."""
-
-
-def check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise SpecError(
-            f"{what} name {name!r} is invalid: expected lower snake case "
-            "(letters, digits and '_', starting with a letter)"
-        )
-    return name
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -101,24 +134,16 @@ class Impl:
     plugin: str = ""
 
     def __post_init__(self) -> None:
-        check_name(self.name, "implementation")
-        if not callable(self.fn):
-            raise SpecError(f"implementation {self.name!r}: fn is not callable")
-        if self.kind not in IMPL_KINDS:
-            raise SpecError(
-                f"implementation {self.name!r}: kind {self.kind!r} is not one of {IMPL_KINDS}"
-            )
-        self.devices = tuple(self.devices)
+        self.validate()
         if self.uses_triton is None:
             self.uses_triton = self.backend == "triton"
-        self.requires = tuple([self.requires] if isinstance(self.requires, str) else self.requires)
-        if self.dtypes is not None:
-            bad = [d for d in self.dtypes if d not in DTYPES]
-            if bad:
-                raise SpecError(
-                    f"implementation {self.name!r}: unknown dtypes {bad}, expected {list(DTYPES)}"
-                )
-            self.dtypes = tuple(self.dtypes)
+
+    def validate(self) -> None:
+        """Check every field against `IMPL_FIELDS` (the registry calls it again at
+        registration); SpecError naming the field, what came and what was expected.
+        ``devices``, ``dtypes`` and ``requires`` take a tuple, or one lone string."""
+        F.validate(self, IMPL_FIELDS, f"implementation {getattr(self, 'name', '?')!r}",
+                   SpecError)
 
     def missing_requirements(self) -> list[str]:
         """Modules in `requires` that do not import (the implementation is then unavailable)."""
@@ -204,33 +229,18 @@ class LossSpec:
     implementations: dict[str, Impl] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_name(self.name, "loss")
-        # lower snake case like the name: neither ever reaches a file path today, and
-        # the rule keeps it that way for any future per-loss or per-family output
-        check_name(self.family, f"loss {self.name!r}: family")
-        if not isinstance(self.formula, str) or not self.formula.strip():
-            raise SpecError(f"loss {self.name!r}: formula (LaTeX) is missing")
-        if not callable(self.reference):
-            raise SpecError(f"loss {self.name!r}: reference is not callable")
-        if not callable(self.make_inputs):
-            raise SpecError(f"loss {self.name!r}: make_inputs is not callable")
-        for preset in ("quick", "default", "large"):
-            sizes = self.sizes.get(preset)
-            if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
-                raise SpecError(
-                    f"loss {self.name!r}: sizes[{preset!r}] must be a non-empty list of "
-                    f"positive ints, got {sizes!r}"
-                )
-        for dt, tol in self.tolerances.items():
-            if dt not in DTYPES or len(tuple(tol)) != 2:
-                raise SpecError(
-                    f"loss {self.name!r}: tolerances[{dt!r}] must map a dtype in "
-                    f"{list(DTYPES)} to (rtol, atol)"
-                )
+        # name and family are lower snake case: neither ever reaches a file path today,
+        # and the rule keeps it that way for any future per-loss or per-family output
+        self.validate()
         self.title = self.title or self.name.replace("_", " ")
         self.implementations = {
             "reference": Impl("reference", self.reference, kind="reference", plugin=self.plugin)
         }
+
+    def validate(self) -> None:
+        """Check every field against `LOSSSPEC_FIELDS` (the registry calls it again at
+        registration); SpecError naming the field, what came and what was expected."""
+        F.validate(self, LOSSSPEC_FIELDS, f"loss {getattr(self, 'name', '?')!r}", SpecError)
 
     def case_params(self, preset: str, options: Mapping[str, Any]) -> dict[str, Any]:
         """What `make_inputs` sees as `case.params`: the preset's input parameters

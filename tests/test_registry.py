@@ -81,21 +81,129 @@ def test_load_plugins_filter(cubic_dist, monkeypatch):
     assert Registry().load_entry_points().losses == {}
 
 
-def test_duplicate_loss_names_both_plugins(cubic_dist, capsys):
+def test_duplicate_loss_name_is_rejected_naming_both_distributions(cubic_dist, capsys):
     dup = '''
-from lossreg import LossSpec, hookimpl
+from lossreg import Impl, LossSpec, hookimpl
 @hookimpl
 def register_losses(register):
     register(LossSpec(name="cubic", family="x", formula="x",
                       reference=lambda input: input.sum(),
                       make_inputs=lambda c: {"input": c.randn(c.n)}))
+@hookimpl
+def register_implementations(register):
+    register("cubic", Impl("dup_fast", lambda input: input.sum()))
 '''
     make_dist(cubic_dist, "dup-losses", {"dup_losses": dup}, {"dup_losses": "dup_losses"})
     reg = Registry().load_entry_points()
     err = capsys.readouterr().err
-    assert "'cubic_losses'" in err and "'dup_losses'" in err
-    assert reg.plugins["dup_losses"].status == "failed"
+    assert "'cubic-losses'" in err and "'dup-losses'" in err and "'cubic'" in err
+    info = reg.plugins["dup_losses"]
+    assert info.rejected_losses == ["cubic"] and info.losses == []
     assert reg.get("cubic").plugin == "cubic_losses"
+    # its implementation was for its own `cubic`: not attached to the other one
+    assert "dup_fast" not in reg.get("cubic").implementations
+
+
+def test_hook_receives_the_registered_losses_read_only(cubic_dist):
+    src = '''
+from lossreg import Impl, hookimpl
+SEEN = {}
+@hookimpl
+def register_implementations(register, losses):
+    SEEN["names"] = set(losses)
+    SEEN["mse_family"] = losses["mse"].family
+    try:
+        losses["new"] = None
+    except TypeError:
+        SEEN["read_only"] = True
+    SEEN["attached"] = hasattr(register, "losses")
+    if "cubic" in losses:
+        register("cubic", Impl("seen", lambda input, target, reduction="mean": input.sum()))
+'''
+    make_dist(cubic_dist, "dup-view", {"dup_view": src}, {"dup_view": "dup_view"})
+    reg = Registry().load_entry_points()
+    import dup_view
+
+    assert dup_view.SEEN["names"] >= {"mse", "cubic", "mae"}
+    assert dup_view.SEEN["mse_family"] == reg.get("mse").family
+    assert dup_view.SEEN["read_only"] and not dup_view.SEEN["attached"]
+    assert "seen" in reg.get("cubic").implementations
+
+
+def test_every_field_has_a_rule():
+    import dataclasses
+
+    from lossreg.spec import IMPL_FIELDS, LOSSSPEC_FIELDS, Impl, LossSpec
+
+    assert set(IMPL_FIELDS) == {f.name for f in dataclasses.fields(Impl)}
+    assert set(LOSSSPEC_FIELDS) == {f.name for f in dataclasses.fields(LossSpec)} - {
+        "implementations"}  # filled by the registry
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("name", "Fast", "lower snake case"),
+    ("fn", 3, "a callable"),
+    ("kind", "fast", "one of ['reference', 'optimized', 'baseline']"),
+    ("backend", 42, "a name of letters"),
+    ("devices", ("cpu", "tpu"), "device types among"),
+    ("devices", 7, "a tuple of device types"),
+    ("dtypes", ("float32", "int8"), "dtypes among"),
+    ("grad_in_forward", "yes", "True or False"),
+    ("requires", (3,), "module names"),
+    ("uses_triton", 1, "None or True or False"),
+    ("description", None, "a string"),
+    ("bytes_model", 5, "None or a callable"),
+])
+def test_impl_fields_are_checked(field, value, expected):
+    from lossreg.spec import Impl, SpecError
+
+    kwargs = {"name": "x", "fn": lambda input: input, field: value}
+    with pytest.raises(SpecError) as info:
+        Impl(**kwargs)
+    message = str(info.value)
+    assert f"field {field!r} got {value!r}" in message and expected in message
+
+
+def test_lone_strings_are_one_item():
+    from lossreg.spec import Impl
+
+    impl = Impl("x", lambda input: input, devices="cpu", dtypes="float32", requires="numpy")
+    assert (impl.devices, impl.dtypes, impl.requires) == (("cpu",), ("float32",), ("numpy",))
+    assert impl.supports("cpu", "float32") is None
+    assert "not cuda" in impl.supports("cuda", "float32")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("family", "Fault Family", "lower snake case"),
+    ("formula", "  ", "a non-empty string"),
+    ("make_inputs", None, "a callable"),
+    ("title", 3, "a string"),
+    ("options", {1: "mean"}, "option name (str)"),
+    ("grad_inputs", ("input", 2), "input names"),
+    ("sizes", {"quick": [10, 0], "default": [1], "large": [1]}, "positive int"),
+    ("sizes", {"quick": [True], "default": [1], "large": [1]}, "positive int"),
+    ("sizes", {"quick": [10]}, "missing ['default', 'large']"),
+    ("x_name", "n rows", "a Python identifier"),
+    ("input_params", {"quick": []}, "dict of parameters"),
+    ("bytes_moved", "many", "None or a callable"),
+    ("tolerances", {"float32": (1e-5,)}, "two positive finite floats"),
+    ("tolerances", {"float32": (1e-5, -1.0)}, "two positive finite floats"),
+    ("tolerances", {"int8": (1e-5, 1e-6)}, "a dict of dtype"),
+    ("edge_cases", {"zeros": 0}, "a callable"),
+    ("check_options", {"reduction": "sum"}, "a list of option dicts"),
+    ("check_options", [{"reduction": "sum"}, "none"], "item 1"),
+    ("mean_count", 4, "None or a callable"),
+    ("input_domains", {"target": ("classes", 3)}, "kind one of"),
+])
+def test_spec_fields_are_checked(field, value, expected):
+    from lossreg.spec import LossSpec, SpecError
+
+    kwargs = {"name": "okname", "family": "x", "formula": "x", "reference": lambda input: input,
+              "make_inputs": lambda c: {}, field: value}
+    with pytest.raises(SpecError) as info:
+        LossSpec(**kwargs)
+    message = str(info.value)
+    assert f"loss 'okname': field {field!r} got" in message and expected in message
 
 
 def test_implementation_for_unknown_loss_warns(cubic_dist, capsys):
@@ -116,10 +224,10 @@ def register_implementations(register):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"formula": "''"}, "formula"),
-        ({"reference": "3"}, "reference is not callable"),
+        ({"formula": "''"}, "field 'formula' got '' (str), expected a non-empty string"),
+        ({"reference": "3"}, "field 'reference' got 3 (int), expected a callable"),
         ({"name": "'Bad-Name'"}, "lower snake case"),
-        ({"sizes": "{'quick': []}"}, "sizes"),
+        ({"sizes": "{'quick': []}"}, "field 'sizes' got {'quick': []} (dict)"),
     ],
 )
 def test_spec_validation_names_the_plugin(plugin_path, capsys, override, message):
