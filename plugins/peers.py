@@ -47,17 +47,6 @@ from lossreg import Impl, hookimpl
 LIGER = "liger_kernel"
 CCE = "cut_cross_entropy"
 
-#: The built-in plugin (entry point) owning each loss we add implementations to. Used
-#: only when LOSSREG_LOAD_PLUGINS restricts the load: an implementation is registered
-#: only where its loss exists, never as an "unknown loss" warning.
-OWNERS = {
-    "cross_entropy": "neural_networks",
-    "fused_linear_cross_entropy": "transformers",
-    "kl_distillation": "transformers",
-    "fused_linear_distillation": "transformers",
-    "dpo": "rl",
-}
-
 #: Liger's Triton kernels compute in float32 whatever the input dtype.
 HALF_AND_SINGLE = ("float32", "bfloat16", "float16")
 
@@ -362,20 +351,10 @@ def _impls():
                     "hinge); no ipo, label smoothing or reduction='none'")
 
 
-def _loss_available(register, loss: str) -> bool:
-    """Whether `loss` will be registered in this load: read from the callback where the
-    registry exposes the names (``register.losses``), else from LOSSREG_LOAD_PLUGINS."""
-    known = getattr(register, "losses", None)
-    if known is not None:
-        return loss in known
-    wanted = os.environ.get("LOSSREG_LOAD_PLUGINS")
-    if wanted is None:
-        return True
-    return OWNERS[loss] in {w.strip() for w in wanted.split(",")}
-
-
 @hookimpl
-def register_implementations(register):
+def register_implementations(register, losses):
+    """Join only the losses present in this load (``losses``: the registered names), so
+    a restricted load (LOSSREG_LOAD_PLUGINS) gives no unknown-loss warnings."""
     for loss, impl in _impls():
-        if _loss_available(register, loss):
+        if loss in losses:
             register(loss, impl)
