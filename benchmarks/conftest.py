@@ -7,8 +7,8 @@ Not collected by the default `pytest` run (testpaths = tests); run it as
                       [--lossreg-sizes quick|default|large] [--lossreg-device auto|cpu|cuda]
                       [--lossreg-mode forward|backward|full]... [--lossreg-out DIR]
 
-The cases are `lossreg bench`'s: `lossreg.harness.make_plan` chooses them (so
-`compile` on a CPU is opt-in, as there) and `lossreg.harness.runnable` says why a case
+The cases are `lossreg bench`'s: `lossreg.planning.make_plan` chooses them (so
+`compile` on a CPU is opt-in, as there) and `lossreg.planning.runnable` says why a case
 cannot run; such cases, and Triton on a CPU (the interpreter times nothing), are
 skipped with that reason, never errors. `--lossreg-out DIR` writes the measurements
 as throughput rows of `lossreg.results.SCHEMA`, readable by `lossreg.load_results(DIR)`.
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossreg import harness, measure
+from lossreg import measure, planning, runner, timing
 from lossreg.registry import default_registry
 from lossreg.results import ResultWriter
+from lossreg.rows import base_row, error_message, run_context
 from lossreg.spec import DTYPES
 
 MODES = ("forward", "backward", "full")
@@ -62,7 +63,7 @@ def _names(values: list[str]) -> list[str]:
 class BenchCase:
     """One parametrized benchmark: a harness task in one mode, or why it cannot run."""
 
-    task: harness.Task
+    task: planning.Task
     mode: str
     skip: str | None = None
 
@@ -88,7 +89,7 @@ class LossregSession:
         opt = config.getoption
         try:
             device = measure.resolve_device(opt("lossreg_device"))
-            plan = harness.make_plan(default_registry(), _names(opt("lossreg_loss")), device,
+            plan = planning.make_plan(default_registry(), _names(opt("lossreg_loss")), device,
                                      _names(opt("lossreg_dtype")), _names(opt("lossreg_impl")),
                                      opt("lossreg_sizes"))
         except measure.DeviceError as exc:
@@ -104,16 +105,17 @@ class LossregSession:
         cpu = measure.device_type(device) == "cpu"
         if cpu:  # as `lossreg bench`: the same allocator path in every session
             measure.steady_cpu_allocator()
-        tasks = [(t, harness.INTERPRETER_BENCH_SKIP if cpu and t.impl.backend == "triton"
+        tasks = [(t, runner.INTERPRETER_BENCH_SKIP if cpu and t.impl.backend == "triton"
                   else None) for t in plan.tasks] + plan.skipped
         order = {name: i for i, name in enumerate(dict.fromkeys(t.spec.name for t, _ in tasks))}
         tasks.sort(key=lambda ts: order[ts[0].spec.name])  # stable: plan order within a loss
         cases = [BenchCase(t, mode, reason) for t, reason in tasks for mode in modes]
-        return cls(device, harness.run_context(device), cases, Path(out) if out else None)
+        context = run_context(measure.device_type(device), measure.device_name(device))
+        return cls(device, context, cases, Path(out) if out else None)
 
     # ------------------------------------------------------------ rows
     def _row(self, case: BenchCase, **values) -> dict:
-        row = harness.base_row(self.context, case.task, dict(case.task.spec.options))
+        row = base_row(self.context, case.task, dict(case.task.spec.options))
         row.update(check="throughput", mode=case.mode, **values)
         return row
 
@@ -121,7 +123,7 @@ class LossregSession:
         self.rows.append(self._row(case, status="skipped", message=reason))
 
     def record_error(self, case: BenchCase, exc: BaseException) -> None:
-        self.rows.append(self._row(case, status="error", message=harness.error_message(exc)))
+        self.rows.append(self._row(case, status="error", message=error_message(exc)))
 
     def record(self, case: BenchCase, seconds: list[float], inputs: dict,
                peak_bytes: int | None) -> None:
@@ -133,7 +135,7 @@ class LossregSession:
             case, status="ok",
             message="gradient computed in the forward" if (impl.grad_in_forward
                                                             and case.mode == "backward") else None,
-            peak_bytes=peak_bytes, **harness.timing_columns(samples, model))
+            peak_bytes=peak_bytes, **timing.timing_columns(samples, model))
         self.rows.append(row)
         self.timed.append((row, samples, model))
 
@@ -148,7 +150,7 @@ class LossregSession:
         ref = {key(r): r["time_ms"] for r, _, _ in self.timed if r["impl_kind"] == "reference"}
         peak = measure.copy_bandwidth_gbps(self.device) if self.timed else None
         for row, samples, model in self.timed:
-            row.update(harness.timing_columns(samples, model, ref.get(key(row)), peak),
+            row.update(timing.timing_columns(samples, model, ref.get(key(row)), peak),
                        peak_gbps=peak)
         writer = ResultWriter(self.out, self.context["run_id"])
         try:

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from lossreg import harness, measure
+from lossreg import measure, timing
 from lossreg.spec import DTYPES, Case
 
 #: Rounds per benchmark: what fills --benchmark-max-time, within
@@ -47,7 +47,7 @@ def test_throughput(benchmark, lossreg_case, lossreg_session, pytestconfig):
         pytest.skip(case.skip)
     try:
         options = dict(spec.options)
-        inputs, runs = harness.throughput_runs(spec, impl, Case(
+        inputs, runs = timing.throughput_runs(spec, impl, Case(
             task.n, DTYPES[task.dtype], device, seed=100,
             params=spec.case_params(task.preset, options)), options)
         run = runs.get(case.mode)

@@ -44,14 +44,15 @@ def __dir__() -> list[str]:
 
 def check(names=None, **kwargs):
     """Correctness and gradient checks; returns the rows as a DataFrame."""
-    from .harness import check as _check
+    from .api import check as _check
 
     return _check(names, **kwargs)
 
 
 def bench(names=None, **kwargs):
-    """Checks plus throughput, written as Parquet under ``out`` (default ``results``)."""
-    from .harness import bench as _bench
+    """Checks plus throughput, written as Parquet under ``out`` (default ``results``),
+    then plots and a summary (`lossreg.api.bench`)."""
+    from .api import bench as _bench
 
     return _bench(names, **kwargs)
 

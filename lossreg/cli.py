@@ -21,7 +21,7 @@ def _friendly(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from .harness import HarnessError
+        from .planning import HarnessError
         from .measure import DeviceError
         from .registry import PluginError, UnknownLossError
 
@@ -42,19 +42,6 @@ def _registry():
     from .registry import default_registry
 
     return default_registry()
-
-
-def _names(names):
-    reg = _registry()
-    for n in names:
-        reg.get(n)  # KeyError with suggestions
-    return list(names) or None
-
-
-def _device(device: str) -> str:
-    from .measure import resolve_device
-
-    return resolve_device(device)
 
 
 def _table(df, cols) -> str:
@@ -148,29 +135,54 @@ def _common(f):
     f = click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA when visible, else CPU), cpu or cuda")(f)
     f = click.option("--case-timeout", type=float, default=None, metavar="SECONDS",
-                     help="time limit per loss x impl x dtype x size case; past it the "
-                          "case is an error row and the run goes on")(f)
+                     help="time limit per loss x impl x dtype x size case (its checks and "
+                          "timing, in a worker process); past it the case is an error row "
+                          "and the run goes on. Default: scaled from the loss's cost model; "
+                          "0: no limit")(f)
     return f
 
 
-def _timeout(seconds):
-    if seconds is not None and not seconds > 0:
-        raise Bad(f"--case-timeout must be a positive number of seconds, got {seconds:g}")
-    return seconds
+def _run(fn, *args, **kwargs):
+    """Run check/bench: Ctrl-C or SIGTERM -> one line saying where the rows are, exit
+    130/143; results that cannot be written -> one line, exit 2."""
+    from .results import ResultsWriteError
+    from .runner import Interrupted
+
+    try:
+        return fn(*args, **kwargs)
+    except Interrupted as exc:
+        where = f" during {exc.case} (case {exc.done + 1} of {exc.total})"
+        click.echo(f"\nlossreg: {'terminated' if exc.signum == 15 else 'interrupted'}{where}; "
+                   f"{exc.rows} rows of the finished cases are in {exc.location}", err=True)
+        sys.exit(128 + int(exc.signum))
+    except ResultsWriteError as exc:
+        _die(str(exc).splitlines()[0])
 
 
-def _interrupted(exc) -> None:
-    """Ctrl-C: one line saying what was running and where the finished rows are."""
-    where = getattr(exc, "location", None)
-    what = f" during {exc.case} (case {exc.done + 1} of {exc.total})" if where else ""
-    kept = f"; {exc.rows} rows of the finished cases are in {where}" if where else ""
-    click.echo(f"\nlossreg: interrupted{what}{kept}", err=True)
-    sys.exit(130)
+def _progress():
+    """(progress, on_case, close): a bar redrawn in place on a terminal; one line per
+    finished case otherwise."""
+    tty = sys.stderr.isatty()
 
+    def progress(done: int, total: int, msg: str):
+        if tty:
+            filled = int(24 * done / max(total, 1))
+            bar = "#" * filled + "." * (24 - filled)
+            click.echo(f"\r\033[K[{bar}] {done}/{total} {msg}", nl=False, err=True)
+        state["total"] = total
 
-def _status_counts(df) -> str:
-    counts = df["status"].value_counts()
-    return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "fail", "error", "skipped"))
+    def on_case(name: str, status: str):
+        state["done"] += 1
+        if not tty:
+            click.echo(f"[{state['done']}/{state['total']}] {status:<7} {name}", err=True)
+
+    def close():
+        if tty and not state.get("closed"):
+            click.echo("", err=True)
+        state["closed"] = True
+
+    state = {"done": 0, "total": 0}
+    return progress, on_case, close
 
 
 @main.command()
@@ -180,38 +192,21 @@ def _status_counts(df) -> str:
 @click.option("--out", type=click.Path(file_okay=False), help="also write the rows here")
 @_friendly
 def check(names, device, dtypes, impls, sizes, out, case_timeout):
-    """Correctness and gradients against the float64 reference; exit 1 on any failure."""
-    from .harness import execute
+    """Correctness and gradients against the float64 reference. Exit status: 0 all
+    rows ok or skipped, 1 any fail or error, 2 bad input, 130/143 on Ctrl-C/SIGTERM."""
+    from .api import check as run_check
+    from .api import failed, status_counts
 
-    names = _names(names)
-    progress = _progress_printer()
-    try:
-        df, _ = execute(names, device=_device(device), dtypes=dtypes or None,
-                        impls=impls or None, sizes=sizes, out=out, progress=progress,
-                        case_timeout=_timeout(case_timeout))
-    except KeyboardInterrupt as exc:
-        _interrupted(exc)
-    if progress:
-        click.echo("", err=True)
+    progress, on_case, close = _progress()
+    df = _run(run_check, list(names) or None, device=device, dtypes=dtypes or None,
+              impls=impls or None, sizes=sizes, out=out, progress=progress, on_case=on_case,
+              case_timeout=case_timeout)
+    close()
     bad = df[df["status"].isin(["fail", "error"])]
     if len(bad):
         click.echo(_table(bad, ["loss", "impl", "dtype", "n", "check", "status", "message"]))
-    click.echo(f"{len(df)} rows: {_status_counts(df)}")
-    sys.exit(1 if len(bad) else 0)
-
-
-def _progress_printer():
-    """A progress bar redrawn in place on a terminal; nothing otherwise."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int, msg: str):
-        width = 24
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "." * (width - filled)
-        click.echo(f"\r\033[K[{bar}] {done}/{total} {msg}", nl=False, err=True)
-
-    return show
+    click.echo(f"{len(df)} rows: {status_counts(df)}")
+    sys.exit(1 if failed(df) else 0)
 
 
 @main.command()
@@ -222,59 +217,27 @@ def _progress_printer():
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--rounds", type=click.IntRange(min=1),
               help="timing rounds per case, spread over the run so that drift of the "
-                   "machine's speed averages out; rounds after the first each run in a "
-                   "fresh process  [default: 5]")
+                   "machine's speed averages out; each round after the first runs in a "
+                   "fresh worker process  [default: 5]")
+@click.option("--allow-failures", is_flag=True,
+              help="exit 0 even when some rows are fail or error (bad input and signals "
+                   "still exit 2 and 130/143)")
 @_friendly
-def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout, rounds):
-    """Checks plus forward/backward/full timings and memory, written as Parquet."""
-    from .harness import DEFAULT_ROUNDS, execute
-    from .plots import plot_run
+def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout, rounds,
+          allow_failures):
+    """Checks plus forward/backward/full timings and memory, written as Parquet. Exit
+    status: 0 all rows ok or skipped, 1 any fail or error (0 with --allow-failures),
+    2 bad input or unwritable results, 130/143 on Ctrl-C/SIGTERM."""
+    from .api import bench as run_bench
+    from .api import failed
+    from .runner import DEFAULT_ROUNDS
 
-    names = _names(names)
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Bad(f"cannot write results to {out!r}: {exc.strerror}") from None
-    progress = _progress_printer()
-    timeout = _timeout(case_timeout)
-    try:
-        df, writer = execute(names, device=_device(device), dtypes=dtypes or None,
-                             impls=impls or None, sizes=sizes, out=out, throughput=True,
-                             progress=progress, case_timeout=timeout,
-                             rounds=rounds or DEFAULT_ROUNDS)
-    except KeyboardInterrupt as exc:
-        _interrupted(exc)
-    if progress:
-        click.echo("", err=True)
-    plots = [] if no_plots else plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")
-    click.echo(summary(df))
-    click.echo(f"\n{len(df)} rows ({_status_counts(df)}) -> {writer.location}")
-    for p in plots:
-        click.echo(f"plot: {p}")
-
-
-def summary(df) -> str:
-    """One line per loss/impl/dtype at its largest n: full-mode throughput and check status."""
-    import pandas as pd
-
-    t = df[(df["check"] == "throughput") & (df["status"] == "ok")]
-    t = t[t["mode"] == "full"] if (t["mode"] == "full").any() else t
-    if t.empty:
-        return "(no throughput rows)"
-    t = t[t.groupby(["loss", "impl", "dtype"])["n"].transform("max") == t["n"]]
-    checks = df[df["check"] != "throughput"].groupby(["loss", "impl", "dtype"])["status"].agg(
-        lambda s: "ok" if (s == "ok").all() else ",".join(sorted(set(s) - {"ok"})))
-    view = t.set_index(["loss", "impl", "dtype"]).join(checks.rename("checks")).reset_index()
-    view = pd.DataFrame({
-        "loss": view["loss"], "impl": view["impl"], "dtype": view["dtype"], "n": view["n"],
-        "ms": view["time_ms"].map(lambda v: f"{v:.4g}"),
-        "speedup": view["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x"),
-        "GB/s": view["gbps"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
-        "bw": view["bw_fraction"].map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
-        "peak MiB": (view["peak_bytes"] / 2**20).map(lambda v: f"{v:.1f}"),
-        "checks": view["checks"].fillna("-"),
-    })
-    return view.to_string(index=False)
+    progress, on_case, close = _progress()
+    df = _run(run_bench, list(names) or None, device=device, dtypes=dtypes or None,
+              impls=impls or None, sizes=sizes, out=out, plots=not no_plots,
+              progress=progress, on_case=on_case, case_timeout=case_timeout,
+              rounds=rounds or DEFAULT_ROUNDS, echo=lambda text: (close(), click.echo(text)))
+    sys.exit(1 if failed(df) and not allow_failures else 0)
 
 
 def _load(path: str):
@@ -336,6 +299,9 @@ def compare(base, new, threshold, fmt, normalize):
         table = do_compare(base_df, new_df, thr, normalize=normalize)
     except ValueError as exc:
         raise Bad(str(exc)) from None
+    if table.empty:
+        raise Bad(f"{base!r} and {new!r} have no timed row in common (same loss, impl, "
+                  "dtype, n, mode and device): nothing to compare")
     if fmt == "text":
         for side, df in (("base", base_df), ("new", new_df)):
             click.echo("\n".join(f"{side}: {line}" for line in describe_runs(df).splitlines()))
@@ -349,8 +315,8 @@ def compare(base, new, threshold, fmt, normalize):
 
 @main.command()
 @click.argument("results", default="results")
-@click.option("--out", default="report.md", show_default=True,
-              type=click.Path(dir_okay=False), help="the Markdown file to write")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="the Markdown file to write  [default: RESULTS-report.md beside RESULTS]")
 @_friendly
 def report(results, out):
     """Markdown report: fastest implementation per loss, speedups, memory, bandwidth,
@@ -358,6 +324,10 @@ def report(results, out):
     from .report import write_report
 
     df = _load(results)
+    if out is None:  # beside the input, never inside a folder Parquet readers read
+        source = Path(results)
+        out = str(source.with_name(f"{source.stem if source.is_file() else source.name}"
+                                   "-report.md"))
     if Path(out).suffix.lower() not in (".md", ".markdown"):
         raise Bad(f"--out {out!r}: expected a Markdown file name ending in .md")
     try:

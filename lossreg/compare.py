@@ -19,12 +19,16 @@ MIN_ROWS_TO_NORMALIZE = 10  # a median of fewer rows says little about the machi
 
 
 def parse_threshold(text: str | float) -> float:
-    """'5%' or '0.05' -> 0.05."""
+    """'5%' or '0.05' -> 0.05. A bare number of 1 or more ('5') is refused: 5% and
+    500% are both plausible readings of it."""
     s = str(text).strip()
+    forms = "write a percentage like 5% or a fraction like 0.05"
     try:
         value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
-        raise ValueError(f"threshold {text!r} is not a number or percentage like 5%") from None
+        raise ValueError(f"threshold {text!r} is not a number: {forms}") from None
+    if not s.endswith("%") and value >= 1:
+        raise ValueError(f"threshold {text!r} is ambiguous: {forms}")
     if not 0 <= value < 10:
         raise ValueError(f"threshold {text!r} must be between 0% and 1000%")
     return value

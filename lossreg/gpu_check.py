@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def targets(df):
@@ -42,29 +41,26 @@ def main(argv=None) -> int:
                     help="run correctness/gradient only where float64 inputs stay under this")
     args = ap.parse_args(argv)
 
-    import torch
-
-    from . import harness
-    from .cli import summary
-    from .harness import execute
-    from .plots import plot_run
+    from .api import bench
+    from .measure import DeviceError
+    from .planning import HarnessError
     from .registry import default_registry
 
-    if args.max_check_gb is not None:
-        harness.CHECK_BYTES_MAX = int(args.max_check_gb * 2**30)
-    if not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU visible", file=sys.stderr)
-        return 2
     reg = default_registry()
     specs = [reg.get(n) for n in args.loss] if args.loss else reg.list()
     impls = sorted({i.name for s in specs for i in s.implementations.values()
                     if i.backend != "compile"})
     t0 = time.time()
-    df, writer = execute(args.loss, device="cuda", dtypes=args.dtype or ["float32", "bfloat16"],
-                         impls=impls, sizes=args.sizes, out=args.out, throughput=True,
-                         progress=lambda i, n, msg: print(f"[{i}/{n}] {msg}", flush=True))
-    plots = plot_run(df, Path(args.out) / "plots" / f"_{writer.run_id}")
-    print(summary(df))
+    # the device (cuda) is validated by bench, in one place for every caller
+    try:
+        df = bench(args.loss, device="cuda", dtypes=args.dtype or ["float32", "bfloat16"],
+                   impls=impls, sizes=args.sizes, out=args.out, echo=print, rounds=1,
+                   check_bytes_max=None if args.max_check_gb is None
+                   else int(args.max_check_gb * 2**30),
+                   progress=lambda i, n, msg: print(f"[{i}/{n}] {msg}", flush=True))
+    except (DeviceError, HarnessError) as exc:
+        print(f"gpu-check: {exc}", file=sys.stderr)
+        return 2
     print("\nTriton against the torch built-in and copy bandwidth (full fwd+bwd, largest n):")
     print(targets(df))
     bad = df[df["status"].isin(["fail", "error"])]
@@ -72,10 +68,7 @@ def main(argv=None) -> int:
         print("\nFailures:")
         print(bad[["loss", "impl", "dtype", "n", "check", "mode", "status", "message"]]
               .to_string(index=False))
-    counts = df["status"].value_counts().to_dict()
-    print(f"\n{len(df)} rows {counts} in {time.time() - t0:.0f} s -> {writer.location}")
-    for p in plots:
-        print(f"plot: {p}")
+    print(f"\n{len(df)} rows in {time.time() - t0:.0f} s -> {df.attrs['location']}")
     return 1 if len(bad) else 0
 
 

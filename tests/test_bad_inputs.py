@@ -35,7 +35,8 @@ import pytest
 import torch
 
 import lossreg
-from lossreg.harness import compare, runnable
+from lossreg.planning import runnable
+from lossreg.verify import compare_tensors as compare
 from lossreg.spec import Case, LossSpec
 
 SEED = 3

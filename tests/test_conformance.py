@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lossreg
-from lossreg.harness import runnable
+from lossreg.planning import runnable
 from lossreg.spec import Case
 
 SPECS = lossreg.losses()

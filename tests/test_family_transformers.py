@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lossreg
-from lossreg.harness import runnable
+from lossreg.planning import runnable
 from lossreg.kernels import HAVE_TRITON, interpreting
 from lossreg.spec import Case
 from lossreg_plugins.transformers import contrastive, linear_ce

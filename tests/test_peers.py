@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from lossreg_plugins import peers
 
-from lossreg.harness import execute
+from lossreg.runner import execute
 from lossreg.registry import Registry, default_registry
 
 PEER_IMPLS = {
@@ -509,7 +509,7 @@ def test_dpo_divisor_and_loss_type(fake):
 def test_gpu_check_includes_the_peer_impls(monkeypatch):
     """`make gpu-check` runs every registered implementation but torch.compile: the
     peers' too (skipped rows when their wheels were not carried)."""
-    from lossreg import gpu_check, harness
+    from lossreg import api, gpu_check
 
     seen = {}
 
@@ -521,7 +521,7 @@ def test_gpu_check_includes_the_peer_impls(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(harness, "execute", fake_execute)
+    monkeypatch.setattr(api, "bench", fake_execute)
     with pytest.raises(Stop):
         gpu_check.main(["--out", "unused"])
     assert {"liger", "cce", "liger_kl_div", "liger_chunked"} <= set(seen["impls"])

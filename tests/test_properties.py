@@ -60,7 +60,9 @@ from hypothesis.control import currently_in_test_context
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 import lossreg
-from lossreg.harness import _to64, check_forward, check_gradient, runnable
+from lossreg.planning import runnable
+from lossreg.verify import check_forward, check_gradient
+from lossreg.verify import to64 as _to64
 from lossreg.spec import DTYPES, Case
 
 PROFILE = os.environ.get("LOSSREG_HYPOTHESIS", "fast")

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from lossreg.cli import main
-from lossreg.harness import execute
+from lossreg.runner import execute
 from lossreg.registry import Registry
 from lossreg.report import fastest_table, render
 from lossreg.spec import Impl, LossSpec

@@ -1,0 +1,84 @@
+"""`check` and `bench`: the one path that the CLI, `lossreg.gpu_check` and the Python
+API (``lossreg.check``, ``lossreg.bench``) all take. `bench` chains the run
+(`runner.execute`), its plots and its summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .runner import DEFAULT_ROUNDS, execute
+
+FAILED = ("fail", "error")
+
+
+def check(names: Sequence[str] | None = None, *, sizes: str = "quick", **kwargs):
+    """Correctness and gradient rows (no timing) as a DataFrame; ``out`` (optional)
+    also writes them. Keyword arguments as `runner.execute`."""
+    df, writer = execute(names, throughput=False, sizes=sizes, **kwargs)
+    if writer is not None:
+        df.attrs.update(run_id=writer.run_id, location=str(writer.location))
+    return df
+
+
+def bench(names: Sequence[str] | None = None, *, out: str | Path = "results",
+          plots: bool = True, sizes: str = "default", rounds: int = DEFAULT_ROUNDS,
+          consolidate: bool = True, echo: Callable[[str], None] | None = None, **kwargs):
+    """Correctness, gradient and throughput rows, written under ``out`` as the run goes,
+    then (with ``consolidate``) the consolidated run, its plots and a summary.
+
+    Returns the rows as a DataFrame; ``df.attrs`` holds ``run_id``, ``location`` (the
+    Parquet written), ``plots`` (PNG paths) and ``summary`` (the table ``echo``, when
+    given, prints with the row counts and the plots). Other keyword arguments as
+    `runner.execute` (``device``, ``dtypes``, ``impls``, ``case_timeout``, ``run_id``,
+    ``select``, ``row_extra``, ``registry``, ``progress``, ...)."""
+    df, writer = execute(names, throughput=True, out=out, sizes=sizes, rounds=rounds,
+                         consolidate=consolidate, **kwargs)
+    written = []
+    if plots and consolidate and len(df):
+        from .plots import plot_run
+
+        written = plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")
+    text = summary(df)
+    df.attrs.update(run_id=writer.run_id, location=str(writer.location),
+                    plots=[str(p) for p in written], summary=text)
+    if echo is not None:
+        echo(text)
+        echo(f"\n{len(df)} rows ({status_counts(df)}) -> {writer.location}")
+        for p in written:
+            echo(f"plot: {p}")
+    return df
+
+
+def failed(df) -> bool:
+    """Whether any row is ``fail`` or ``error`` (`check` and `bench` then exit 1)."""
+    return bool(len(df)) and bool(df["status"].isin(FAILED).any())
+
+
+def status_counts(df) -> str:
+    counts = df["status"].value_counts() if len(df) else {}
+    return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "fail", "error", "skipped"))
+
+
+def summary(df) -> str:
+    """One line per loss/impl/dtype at its largest n: full-mode throughput and check status."""
+    import pandas as pd
+
+    t = df[(df["check"] == "throughput") & (df["status"] == "ok")]
+    t = t[t["mode"] == "full"] if (t["mode"] == "full").any() else t
+    if t.empty:
+        return "(no throughput rows)"
+    t = t[t.groupby(["loss", "impl", "dtype"])["n"].transform("max") == t["n"]]
+    checks = df[df["check"] != "throughput"].groupby(["loss", "impl", "dtype"])["status"].agg(
+        lambda s: "ok" if (s == "ok").all() else ",".join(sorted(set(s) - {"ok"})))
+    view = t.set_index(["loss", "impl", "dtype"]).join(checks.rename("checks")).reset_index()
+    view = pd.DataFrame({
+        "loss": view["loss"], "impl": view["impl"], "dtype": view["dtype"], "n": view["n"],
+        "ms": view["time_ms"].map(lambda v: f"{v:.4g}"),
+        "speedup": view["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x"),
+        "GB/s": view["gbps"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+        "bw": view["bw_fraction"].map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
+        "peak MiB": (view["peak_bytes"] / 2**20).map(lambda v: f"{v:.1f}"),
+        "checks": view["checks"].fillna("-"),
+    })
+    return view.to_string(index=False)
