@@ -1,5 +1,5 @@
 """Transformer losses: causal LM, fused linear cross-entropy, MLM, seq2seq, InfoNCE,
-KL distillation (with JSD) and fused linear distillation."""
+KL distillation (with JSD), the jsd and tvd divergences and fused linear distillation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from lossreg import Impl, LossSpec, hookimpl
 from lossreg.kernels.traffic import streamed
 
-from . import contrastive, distill, linear_ce, lm
+from . import contrastive, distill, divergences, linear_ce, lm
 
 TRITON = dict(backend="triton", devices=("cuda",), requires=("triton",))
 CE_OPTIONS = {"ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean"}
@@ -220,6 +220,58 @@ def _specs():
                                             student=lambda c, i: i["teacher"].clone()),
         },
     )
+    div_common = dict(
+        family="transformers", make_inputs=divergences.make_inputs, grad_inputs=("student",),
+        x_name="tokens", sizes={"quick": [9, 33], "default": [512, 2048],
+                                "large": [4096, 16384]},
+        input_params=kl_shapes, mean_count=divergences.kept_rows,
+        input_domains={"labels": ("index", lambda inputs: inputs["student"].shape[1],
+                                  (-100,))},
+        flops=lambda i: _tokens_flops(i, "student"))
+    div_edges = {
+        "vocab_multi_block": _resize(divergences.make_inputs, 3, vocab=8200),
+        "extreme_student": _with(_resize(divergences.make_inputs, 5, vocab=300),
+                                 student=lambda c, i: torch.where(
+                                     c.rand(5, 300) < 0.5, 1e4, -1e4).to(i["student"].dtype)),
+        "student_equals_teacher": _with(divergences.make_inputs,
+                                        student=lambda c, i: i["teacher"].clone()),
+        "all_ignored": _with(divergences.make_inputs,
+                             labels=lambda c, i: torch.full_like(i["labels"], -100)),
+        "no_labels": lambda case: {k: v for k, v in divergences.make_inputs(case).items()
+                                   if k != "labels"},
+    }
+    yield LossSpec(
+        name="jsd", title="Generalized Jensen-Shannon divergence",
+        formula=(r"\frac{1}{|K|}\sum_{i\in K} \beta\,\mathrm{KL}(p_i\|m_i) + (1-\beta)\,"
+                 r"\mathrm{KL}(q_i\|m_i),\ m_i = \beta p_i + (1-\beta) q_i,\ "
+                 r"q_i = \mathrm{softmax}(s_i/T),\ p_i = \mathrm{softmax}(t_i/T)"),
+        description="Generalized JSD between student (differentiated) and teacher softmaxes "
+                    "per row, rows with labels == ignore_index skipped (labels optional). "
+                    "beta = 0 is forward KL(p||q), beta = 1 reverse KL(q||p), as Liger-"
+                    "Kernel defines them (the mixture form vanishes there). No T^2 factor. "
+                    "float32 rtol 1e-4 for kl_distillation's reason (a small difference of "
+                    "log-probabilities of size log V).",
+        tolerances={"float32": (1e-4, 5e-7)},
+        citation="Lin (1991) Divergence measures based on the Shannon entropy; Agarwal et "
+                 "al. (2024) On-policy distillation (GKD); Hsu et al. (2024) Liger-Kernel",
+        reference=divergences.jsd_reference,
+        options={"beta": 0.5, "temperature": 1.0, "ignore_index": -100, "reduction": "mean"},
+        check_options=[{"beta": 0.0}, {"beta": 1.0}, {"beta": 0.9, "temperature": 2.0},
+                       {"reduction": "none"}, {"reduction": "sum"}],
+        edge_cases=div_edges, **div_common)
+    yield LossSpec(
+        name="tvd", title="Total variation distance",
+        formula=(r"\frac{1}{|K|}\sum_{i\in K} \tfrac12 \sum_c |p_{ic} - q_{ic}|,\ "
+                 r"q_i = \mathrm{softmax}(s_i/T),\ p_i = \mathrm{softmax}(t_i/T)"),
+        description="Total variation distance between student (differentiated) and teacher "
+                    "softmaxes per row, rows with labels == ignore_index skipped (labels "
+                    "optional); the subgradient of |x| at 0 is 0, as torch's abs.",
+        citation="Levin, Peres and Wilmer (2009) Markov Chains and Mixing Times, ch. 4; "
+                 "Hsu et al. (2024) Liger-Kernel",
+        reference=divergences.tvd_reference,
+        options={"temperature": 1.0, "ignore_index": -100, "reduction": "mean"},
+        check_options=[{"temperature": 2.0}, {"reduction": "none"}, {"reduction": "sum"}],
+        edge_cases=div_edges, **div_common)
     yield LossSpec(
         name="fused_linear_distillation", family="transformers",
         title="Fused linear distillation",
@@ -290,6 +342,16 @@ def register_implementations(register):
                                      bytes_model=streamed("student"), grad_in_forward=True,
                                      **TRITON, description="one program per row, gradient "
                                                            "in the forward"))
+    register("jsd", Impl("torch", divergences.jsd_torch, kind="baseline",
+                         description="F.kl_div against the log-mixture"))
+    register("jsd", Impl("triton", divergences.jsd_triton,
+                         bytes_model=streamed("student"), grad_in_forward=True, **TRITON,
+                         description="divergence kernel on the softmax template"))
+    register("tvd", Impl("torch", divergences.tvd_torch, kind="baseline",
+                         description="F.l1_loss of the softmaxes, halved"))
+    register("tvd", Impl("triton", divergences.tvd_triton,
+                         bytes_model=streamed("student"), grad_in_forward=True, **TRITON,
+                         description="divergence kernel on the softmax template"))
     register("fused_linear_distillation", Impl(
         "chunked", distill.fld_chunked, grad_in_forward=True,
         description="row chunks of both logit blocks; eager divergence"))

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lossreg.kernels.softmax import acc_dtype
 from lossreg.validate import check_reduction
 
 from .linear_ce import chunk_rows
@@ -84,8 +85,9 @@ def kl_torch(student, teacher, temperature=1.0, direction="forward", beta=0.5,
              reduction="mean"):
     """F.kl_div for the KL directions (log-target form); JSD composed from two of them."""
     validate_kl("kl_distillation", student, teacher, temperature, direction, beta, reduction)
-    logq = F.log_softmax(student.float() / temperature, dim=-1)
-    logp = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    acc = acc_dtype(student.dtype)  # half precision in float32, float64 as is
+    logq = F.log_softmax(student.to(acc) / temperature, dim=-1)
+    logp = F.log_softmax(teacher.detach().to(acc) / temperature, dim=-1)
     if direction == "forward":
         rows = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
     elif direction == "reverse":
@@ -101,9 +103,9 @@ def kl_torch(student, teacher, temperature=1.0, direction="forward", beta=0.5,
 def kl_triton(student, teacher, temperature=1.0, direction="forward", beta=0.5,
               reduction="mean"):
     validate_kl("kl_distillation", student, teacher, temperature, direction, beta, reduction)
-    from lossreg.kernels.softmax import kl_distill
+    from lossreg.kernels.divergence import divergence
 
-    return kl_distill(student, teacher.detach(), temperature, direction, beta, reduction)
+    return divergence(student, teacher.detach(), direction, temperature, beta, reduction)
 
 
 def make_kl_inputs(case):
@@ -151,18 +153,19 @@ def fld_reference(student_hidden, student_weight, teacher_hidden, teacher_weight
 
 def _rows_torch(student, teacher, temperature, direction, beta, scale):
     """Eager per-row divergence of a chunk and its gradient w.r.t. the student logits."""
-    s = student.detach().float().requires_grad_(True)
+    acc = acc_dtype(student.dtype)
+    s = student.detach().to(acc).requires_grad_(True)
     with torch.enable_grad():
-        rows = divergence_rows(s, teacher.float(), temperature, direction, beta)
-        (grad,) = torch.autograd.grad(rows, s, scale.float())
+        rows = divergence_rows(s, teacher.to(acc), temperature, direction, beta)
+        (grad,) = torch.autograd.grad(rows, s, scale.to(acc))
     return rows.detach(), grad
 
 
 def _rows_triton(student, teacher, temperature, direction, beta, scale):
-    from lossreg.kernels.softmax import kl_rows_inplace
+    from lossreg.kernels.divergence import div_rows_inplace
 
     grad = torch.empty_like(student)
-    rows = kl_rows_inplace(student.contiguous(), teacher.contiguous(), temperature, direction,
+    rows = div_rows_inplace(student.contiguous(), teacher.contiguous(), temperature, direction,
                            beta, scale, grad_out=grad)
     return rows, grad
 
@@ -179,7 +182,7 @@ class _FusedDistill(torch.autograd.Function):
         n = hs.shape[0]
         # max(n, 1): no rows gives torch's empty mean (0 / 0 = nan below), not an error
         scale = torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
-                           device=hs.device)
+                           dtype=acc_dtype(hs.dtype), device=hs.device)
         rows, dh, dw = _fld_chunks(hs, ws, ht, wt, temperature, direction, beta, scale, engine,
                                    want_grads=reduction != "none")
         ctx.meta = (temperature, direction, beta, reduction, engine)
@@ -204,7 +207,7 @@ class _FusedDistill(torch.autograd.Function):
 
 def _fld_chunks(hs, ws, ht, wt, temperature, direction, beta, scale, engine, want_grads=True):
     n, v = hs.shape[0], ws.shape[0]
-    rows = torch.empty(n, dtype=torch.float32, device=hs.device)
+    rows = torch.empty(n, dtype=acc_dtype(hs.dtype), device=hs.device)
     dh = torch.empty_like(hs) if want_grads else None
     dw = torch.zeros_like(ws) if want_grads else None
     step = max(1, chunk_rows(n, v) // 2)  # two logit blocks live at once

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from lossreg.kernels.softmax import acc_dtype
 from lossreg_plugins.neural_networks import (
     ce_reference,
     ce_torch,
@@ -41,24 +42,28 @@ def ce_rows_torch_(logits, target, ignore_index=-100, label_smoothing=0.0, z_los
     n_cls = logits.shape[1]
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros_like(target))
-    lse = torch.logsumexp(logits, dim=1)
-    # a +inf logit: torch.logsumexp gives inf, the reference's log_softmax (x - max) and
-    # the Triton kernel NaN; finite logits never reach inf (lse <= max + log V)
-    lse = lse.masked_fill(lse == float("inf"), float("nan"))
-    loss = lse - logits.gather(1, y[:, None]).squeeze(1)
+    # lse = m + r with the row max m apart: (m - x_y) + r keeps the loss exact where
+    # lse - x_y would cancel (a confident row: loss 4e-11 from logits of 25)
+    m = logits.max(dim=1).values
+    # a +inf logit: the reference's log_softmax (x - max) and the Triton kernel give NaN
+    m = m.masked_fill(m == float("inf"), float("nan"))
+    shifted = logits.sub_(m[:, None])
+    r = torch.logsumexp(shifted, dim=1)
+    lse = m + r
+    loss = (r - shifted.gather(1, y[:, None]).squeeze(1))
     if label_smoothing:
         loss = (1 - label_smoothing) * loss + label_smoothing / n_cls * (
-            n_cls * lse - logits.sum(1))
+            n_cls * r - shifted.sum(1))
     if z_loss:
         loss = loss + z_loss * lse * lse
     loss = loss * keep
-    p = logits.sub_(lse[:, None]).exp_()
+    p = shifted.sub_(r[:, None]).exp_()
     p.mul_((1 + 2 * z_loss * lse)[:, None])
     p.scatter_add_(1, y[:, None], torch.full_like(lse, -(1 - label_smoothing))[:, None])
     if label_smoothing:
         p.sub_(label_smoothing / n_cls)
     if row_scale is not None:
-        scale = row_scale.float()
+        scale = row_scale.to(logits.dtype)
     else:
         scale = (1.0 / denom if denom is not None else torch.ones_like(lse)).expand_as(lse)
     # ignored rows get exactly zero (also when nothing is kept and 1/denom is inf)
@@ -97,8 +102,7 @@ def run_chunks(h, weight, bias, target, opts, engine, denom=None, row_scale=None
     ce_rows = CE_ROWS[engine]
     # the eager engine works in float32 for half inputs; the Triton kernel reads them as is
     upcast = engine == "torch" and h.dtype in (torch.float16, torch.bfloat16)
-    losses = torch.empty(n, dtype=torch.float32 if h.dtype != torch.float64 else h.dtype,
-                         device=h.device)
+    losses = torch.empty(n, dtype=acc_dtype(h.dtype), device=h.device)
     dh = torch.empty_like(h) if want_grads else None
     dw = torch.zeros_like(weight) if want_grads else None
     db = torch.zeros_like(bias) if (want_grads and bias is not None) else None
@@ -126,7 +130,7 @@ class FusedLinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, ignore_index, eps, z, softcap, reduction, engine):
         opts = (ignore_index, eps, z, softcap)
         keep = target != ignore_index
-        denom = keep.sum().to(torch.float32)
+        denom = keep.sum().to(acc_dtype(h.dtype))
         if reduction == "none":
             losses, *_ = run_chunks(h, weight, bias, target, opts, engine, want_grads=False)
             ctx.save_for_backward(h, weight, bias, target)
