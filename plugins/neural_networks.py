@@ -222,7 +222,7 @@ def register_losses(register):
         input_domains={"target": ("index", lambda inputs: inputs["input"].shape[1])},
         formula=(r"\ell_i = (1-\varepsilon)\,w_{y_i}\,(\mathrm{lse}(z_i) - z_{i,y_i})"
                  r" + \frac{\varepsilon}{C}\sum_c w_c(\mathrm{lse}(z_i) - z_{i,c})"
-                 r" + \lambda\,\mathrm{lse}(z_i)^2,\quad"
+                 r" + \lambda\,\mathrm{lse}(z_i)^2,\quad "
                  r"L = \frac{\sum_{i: y_i \ne \mathrm{ignore}} \ell_i}"
                  r"{\sum_{i: y_i \ne \mathrm{ignore}} w_{y_i}}"),
         description=("Softmax cross-entropy over C classes up to LLM vocabularies, with torch's "

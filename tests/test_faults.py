@@ -1,10 +1,11 @@
-"""Fault isolation and crash safety: one bad implementation, one hang, one
-out-of-memory, one Ctrl-C or one SIGKILL never costs the rows already measured."""
+"""Fault isolation and crash safety: every case runs in a supervised worker process,
+so a segfault, an abort, an exit, an out-of-memory kill, a hang, a Ctrl-C, a SIGTERM
+or a SIGKILL never costs the rows already measured."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +18,135 @@ import torch
 from click.testing import CliRunner
 
 import lossreg
-from lossreg import harness
+from lossreg import cases, workers
 from lossreg.cli import main
-from lossreg.harness import Interrupted, execute
+from lossreg.planning import HarnessError
 from lossreg.registry import Registry
+from lossreg.runner import Interrupted, execute
 from lossreg.spec import Impl, LossSpec
 
 from conftest import make_dist
 
+FAULT_PLUGINS = Path(__file__).parent / "fault_plugins"
+sys.path.insert(0, str(FAULT_PLUGINS))  # faulty_impls.jobs, for the supervisor tests
+from faulty_impls import FAULTS, jobs  # noqa: E402
 
+
+# ------------------------------------------------------------- the supervisor itself
+@pytest.fixture(scope="module")
+def pool():
+    p = workers.Pool(jobs.init, ("t",), jobs.handle)
+    yield p
+    p.close()
+
+
+def test_a_worker_runs_job_after_job_and_passes_messages_on(pool):
+    heard = []
+    first, failure = pool.run({"do": "echo", "value": 1, "messages": 3}, 60, heard.append)
+    assert failure is None and first["value"] == 1 and heard == [("progress", i) for i in
+                                                                range(3)]
+    second, _ = pool.run({"do": "echo", "value": 2}, 60)
+    assert second["pid"] == first["pid"] != os.getpid() and second["jobs"] == 2
+    assert pool.started == 1
+
+
+@pytest.mark.parametrize("job, said", [
+    ({"do": "segfault"}, "killed by SIGSEGV"),
+    ({"do": "abort"}, "killed by SIGABRT"),
+    ({"do": "kill"}, "killed by SIGKILL (the kernel's out-of-memory killer sends it)"),
+    ({"do": "exit", "status": 0}, "exited with status 0"),
+    ({"do": "exit", "status": 3}, "exited with status 3"),
+    ({"do": "sleep", "seconds": 3600}, "exceeded 1.5 s"),
+])
+def test_a_worker_that_dies_or_hangs_is_named_and_replaced(pool, job, said):
+    before, _ = pool.run({"do": "echo"}, 60)
+    result, failure = pool.run(job, 1.5)
+    assert result is None and failure == said
+    with pytest.raises(ProcessLookupError):
+        os.kill(before["pid"], 0)  # gone, and reaped
+    after, failure = pool.run({"do": "echo"}, 60)
+    assert failure is None and after["pid"] != before["pid"] and after["jobs"] == 1
+
+
+def test_a_job_that_raises_leaves_the_worker_serving(pool):
+    before, _ = pool.run({"do": "echo"}, 60)
+    result, failure = pool.run({"do": "raise"}, 60)
+    assert result is None and failure == "ValueError: bad job"
+    after, _ = pool.run({"do": "echo"}, 60)
+    assert after["pid"] == before["pid"]
+
+
+def test_fresh_gives_a_new_process_and_close_ends_it():
+    p = workers.Pool(jobs.init, ("x",), jobs.handle)
+    try:
+        a, _ = p.run({"do": "echo"})
+        p.fresh()
+        b, _ = p.run({"do": "echo"})
+        assert a["pid"] != b["pid"] and p.started == 2
+    finally:
+        p.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(b["pid"], 0)
+
+
+def test_a_worker_that_cannot_start_says_why():
+    p = workers.Pool(jobs.failing_init, ("y",), jobs.handle)
+    with pytest.raises(workers.WorkerStartError, match="RuntimeError: cannot start y"):
+        p.run({"do": "echo"})
+
+
+def test_ctrl_c_while_waiting_kills_the_worker(pool):
+    pid = pool.run({"do": "echo"}, 60)[0]["pid"]
+
+    def interrupt(message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.run({"do": "sleep", "seconds": 3600}, None, interrupt)
+    pool.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_worker_command_line():
+    r = subprocess.run([sys.executable, "-m", "lossreg.workers"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+# ------------------------------------------------------------- a bench of every fault
+@pytest.fixture
+def faulty_site(plugin_path):
+    shutil.copytree(FAULT_PLUGINS / "faulty_impls", plugin_path / "faulty_impls")
+    make_dist(plugin_path, "faulty-impls", {}, {"faulty_impls": "faulty_impls"})
+    return plugin_path
+
+
+def test_bench_of_every_fault_next_to_mse_finishes_and_names_each(faulty_site, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("LOSSREG_LOAD_PLUGINS", "linear_regression,faulty_impls")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["bench", "mse", "faulty_sq", "--device", "cpu", "--sizes",
+                                  "quick", "--rounds", "1", "--case-timeout", "20", "--out",
+                                  str(out), "--no-plots"])
+    assert r.exit_code == 1, r.output
+    (final,) = out.glob("run-*.parquet")  # consolidated, whatever happened
+    df = lossreg.load_results(final, strict=True)
+    assert len(df) and not [p for p in out.iterdir() if p.is_dir()]
+    mse = df[df.loss == "mse"]
+    assert set(mse.status) <= {"ok", "skipped"}, mse[mse.status != "ok"].message.tolist()
+    assert set(mse[mse.impl.isin(["reference", "torch"])].status) == {"ok"}
+    sq = df[df.loss == "faulty_sq"]
+    assert set(sq[sq.impl.isin(["reference", "good"])].status) == {"ok"}
+    for name, (_, reason) in FAULTS.items():
+        rows = sq[sq.impl == name]
+        bad = rows[rows.status.isin(["error", "fail"])]
+        assert len(bad) >= 1 and bad.message.str.contains(reason, regex=False).any(), (
+            name, rows[["check", "status", "message"]].to_string())
+    hung = sq[(sq.impl == "hangs") & (sq.status == "error")]
+    assert hung.message.str.contains("exceeded 20 s").all()
+
+
+# ------------------------------------------------------------- in-process registries
 def _ref(input, target, reduction="mean"):
     t = (input - target) ** 2
     return t if reduction == "none" else (t.mean() if reduction == "mean" else t.sum())
@@ -43,94 +164,6 @@ def _registry(make_inputs=None, **impls) -> Registry:
     return reg
 
 
-def _statuses(df) -> dict[str, set]:
-    return df.groupby("impl")["status"].agg(set).to_dict()
-
-
-def test_cpu_allocation_failure_is_an_error_row_and_the_run_goes_on():
-    def greedy(input, target, reduction="mean"):
-        torch.empty(1 << 62, dtype=torch.uint8)  # far beyond any machine's memory
-        return _ref(input, target, reduction)
-
-    df, _ = execute(["sq"], device="cpu", registry=_registry(greedy=greedy, good=_ref))
-    st = _statuses(df)
-    assert st["greedy"] == {"error"} and st["good"] == {"ok"}
-    assert df[df.impl == "greedy"].message.str.contains("allocate").all()
-
-
-def test_cuda_oom_resets_the_allocator_before_the_next_case(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
-                        lambda *a: calls.append("reset_peak"))
-
-    def oom(input, target, reduction="mean"):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-
-    # device stays cpu: only the recovery path believes in a GPU
-    df, _ = execute(["sq"], device="cpu", registry=_registry(oom=oom, good=_ref))
-    st = _statuses(df)
-    assert st["oom"] == {"error"} and st["good"] == {"ok"}
-    assert df[df.impl == "oom"].message.str.contains("out of memory").all()
-    n_error_rows = int((df.impl == "oom").sum())
-    assert calls.count("empty_cache") == n_error_rows == calls.count("reset_peak")
-
-
-def test_other_errors_do_not_touch_the_allocator(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
-    harness.recover_memory(ValueError("bad shape"))
-    assert calls == []
-    harness.recover_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
-    assert calls == [1]
-
-
-@pytest.mark.parametrize("how", ["sleep", "busy"])
-def test_a_hanging_case_times_out_and_the_run_goes_on(how):
-    def hangs(input, target, reduction="mean"):
-        if how == "sleep":
-            time.sleep(3600)
-        while True:  # a Python-level spin, as a runaway loop in a plugin would be
-            pass
-
-    reg = _registry(hangs=hangs, good=_ref)
-    df, _ = execute(["sq"], device="cpu", registry=reg, case_timeout=0.5)
-    st = _statuses(df)
-    assert st["hangs"] == {"error"} and st["good"] == {"ok"} and st["reference"] == {"ok"}
-    msgs = df[df.impl == "hangs"].message
-    assert msgs.str.contains("timed out").all() and msgs.str.contains("case-timeout").all()
-    # one case x two sizes: the first step of each times out, the rest are not started
-    assert df[(df.impl == "hangs")].n.nunique() >= 2
-
-
-def test_timeout_also_bounds_throughput(tmp_path):
-    def slow_backward(input, target, reduction="mean"):
-        class Slow(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return x.clone()
-
-            @staticmethod
-            def backward(ctx, g):
-                time.sleep(3600)
-                return g
-        return _ref(Slow.apply(input), target, reduction)
-
-    reg = _registry(slow=slow_backward)
-    df, _ = execute(["sq"], device="cpu", registry=reg, sizes="quick", throughput=True,
-                    out=tmp_path, case_timeout=3)
-    slow = df[df.impl == "slow"]
-    # the forward never calls the backward: only gradients and timings hang
-    assert set(slow[slow.check == "correctness"].status) == {"ok"}
-    assert set(slow[slow.check != "correctness"].status) == {"error"}
-    assert set(df[df.impl == "reference"].status) == {"ok"}
-    # the alarm is disarmed after the run
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-
-
 def test_make_inputs_failure_is_contained():
     def make_inputs(c):
         if c.n == 130:
@@ -139,17 +172,34 @@ def test_make_inputs_failure_is_contained():
 
     df, _ = execute(["sq"], device="cpu", registry=_registry(make_inputs, good=_ref))
     bad = df[df.n == 130]
-    ok = df[df.n == 64]
     assert set(bad.status) == {"error"} and bad.message.str.contains("n=130").all()
-    assert set(ok.status) == {"ok"}
+    assert set(df[df.n == 64].status) == {"ok"}
 
 
-@pytest.mark.parametrize("value", [0, -1])
-def test_case_timeout_must_be_positive(value):
-    with pytest.raises(harness.HarnessError, match="case_timeout"):
+def test_oom_recovery_frees_the_allocator_only_after_an_out_of_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("peak"))
+    cases.recover_memory(ValueError("bad shape"))
+    assert calls == []
+    cases.recover_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    cases.recover_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert calls == ["empty", "peak"] * 2
+
+
+@pytest.mark.parametrize("value", [-1, "soon", True])
+def test_case_timeout_must_be_seconds(value):
+    with pytest.raises(HarnessError, match="case_timeout"):
         execute(["sq"], device="cpu", registry=_registry(), case_timeout=value)
-    r = CliRunner().invoke(main, ["check", "mse", "--case-timeout", str(value)])
-    assert r.exit_code == 2 and "--case-timeout must be a positive" in r.output
+
+
+def test_cli_case_timeout_negative_is_bad_input_and_zero_is_no_limit(tmp_path):
+    r = CliRunner().invoke(main, ["check", "mse", "--case-timeout", "-1", "--out",
+                                  str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--case-timeout" in r.output and not (tmp_path / "x").exists()
+    df, _ = execute(["sq"], device="cpu", registry=_registry(good=_ref), case_timeout=0)
+    assert set(df.status) == {"ok"}
 
 
 def test_ctrl_c_keeps_the_finished_cases_and_says_where(tmp_path):
@@ -165,15 +215,44 @@ def test_ctrl_c_keeps_the_finished_cases_and_says_where(tmp_path):
                 throughput=True, progress=progress)
     exc = info.value
     assert exc.done == 2 and exc.case == seen[-1] and exc.total == 6
+    assert exc.signum == signal.SIGINT
     assert str(tmp_path) in str(exc) and f"{exc.rows} rows" in str(exc)
     df = lossreg.load_results(Path(exc.location))
     assert len(df) == exc.rows
-    # two finished cases (reference at both sizes), each with every check and mode
     assert sorted(_complete_cases(df)) == [("reference", 64), ("reference", 130)]
-    assert set(df.impl) == {"reference"}
     assert set(df[df.check == "throughput"]["mode"]) == {"forward", "backward", "full"}
 
 
+def test_results_that_cannot_be_written_end_the_run_with_one_line(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        r = CliRunner().invoke(main, ["bench", "mse", "--device", "cpu", "--sizes", "quick",
+                                      "--out", str(locked / "out")])
+    finally:
+        locked.chmod(0o700)
+    assert r.exit_code == 2 and "not writable" in r.output and "Traceback" not in r.output
+    assert not (locked / "out").exists()
+
+    from lossreg.results import ResultsWriteError, ResultWriter
+
+    real = ResultWriter.write
+
+    def full_disk(self, rows):
+        if self.parts >= 1:
+            raise ResultsWriteError(28, f"cannot write results to {self.part_dir}: disk full")
+        real(self, rows)
+
+    monkeypatch.setattr(ResultWriter, "write", full_disk)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["check", "mse", "--device", "cpu", "--impl", "reference",
+                                  "--out", str(out)])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].endswith("disk full")
+    assert len(lossreg.load_results(out)) >= 1  # the rows already written are kept
+
+
+# ------------------------------------------------------------- signals to a real bench
 SLOW_PLUGIN = '''
 import time
 from lossreg import Impl, LossSpec, hookimpl
@@ -202,20 +281,26 @@ def register_implementations(register):
 '''
 
 
+@pytest.fixture
+def slow_site(plugin_path):
+    make_dist(plugin_path, "slow-losses", {"slow_losses": SLOW_PLUGIN},
+              {"slow_losses": "slow_losses"})
+    return plugin_path
+
+
 def _start_bench(site: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "LOSSREG_LOAD_PLUGINS": "slow_losses",
            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    # SIGINT at its default in the child, whatever this test process inherited or some
-    # library set (an ignored SIGINT is inherited across exec, and Python then installs
-    # no KeyboardInterrupt handler)
+    # SIGINT at its default in the child, whatever this test process inherited
     return subprocess.Popen(
         [sys.executable, "-m", "lossreg.cli", "bench", "slow_sq", "--device", "cpu",
-         "--impl", "napping", "--impl", "reference", "--out", str(out), "--no-plots"],
+         "--impl", "napping", "--impl", "reference", "--out", str(out), "--no-plots",
+         "--rounds", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_parts(out: Path, k: int, proc: subprocess.Popen, limit_s: float = 120) -> int:
+def _wait_for_parts(out: Path, k: int, proc: subprocess.Popen, limit_s: float = 300) -> int:
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
         parts = list(out.glob("*/part-*.parquet"))
@@ -226,13 +311,6 @@ def _wait_for_parts(out: Path, k: int, proc: subprocess.Popen, limit_s: float = 
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"no {k} finished cases within {limit_s} s")
-
-
-@pytest.fixture
-def slow_site(plugin_path):
-    make_dist(plugin_path, "slow-losses", {"slow_losses": SLOW_PLUGIN},
-              {"slow_losses": "slow_losses"})
-    return plugin_path
 
 
 def _complete_cases(df) -> set:
@@ -256,78 +334,26 @@ def test_sigkill_mid_run_loses_nothing_finished(slow_site, tmp_path):
     assert not list(out.glob("run-*.parquet"))  # killed before consolidating
     df = lossreg.load_results(out, strict=True)
     assert len(_complete_cases(df)) >= seen
-    # every row belongs to a complete case: the case in progress left nothing half-written
     timed = df[df.n >= 64]  # (the reference's gradcheck row is at n = 8)
     assert len(_complete_cases(df)) == timed.groupby(["impl", "n"]).ngroups
     assert len(pd.read_parquet(out)) == len(df)
-    # and the killed run does not block the next one in the same folder
-    assert subprocess.run([sys.executable, "-c", "import lossreg; print(len("
-                           f"lossreg.load_results({str(out)!r})))"], capture_output=True,
-                          text=True, check=True).stdout.strip() == str(len(df))
 
 
-def test_sigint_stops_cleanly_with_a_line_saying_where(slow_site, tmp_path):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_sigint_and_sigterm_stop_cleanly_with_a_line_saying_where(slow_site, tmp_path, signum,
+                                                                  code, word):
     out = tmp_path / "results"
     proc = _start_bench(slow_site, out)
     seen = _wait_for_parts(out, 2, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("lossreg: interrupted during slow_sq"), err
+    assert line.startswith(f"lossreg: {word} during slow_sq"), err
     final = next(out.glob("run-*.parquet"))
     assert str(final) in line
     df = lossreg.load_results(final, strict=True)
     assert f"{len(df)} rows" in line
     assert len(_complete_cases(df)) >= seen
     assert not [p for p in out.iterdir() if p.is_dir()]  # parts consolidated
-
-
-UNSAFE_PLUGIN = '''
-import torch
-from lossreg import Impl, LossSpec, hookimpl
-
-def ref(input, target, reduction="mean"):
-    return ((input - target) ** 2).mean()
-
-def mk(c):
-    return {"input": c.randn(c.n), "target": c.randn(c.n)}
-
-@hookimpl
-def register_losses(register):
-    register(LossSpec(name=@NAME@, family=@FAMILY@, formula="x", reference=ref,
-                      make_inputs=mk))
-
-@hookimpl
-def register_implementations(register):
-    register(@IMPL_LOSS@, Impl(name=@IMPL@, fn=ref))
-'''
-
-
-@pytest.mark.parametrize("name, family, impl_loss, impl, bad", [
-    ("../../escape", "x", "mse", "ok_impl", "'../../escape'"),
-    ("okloss", "../../../tmp", "mse", "ok_impl", "'../../../tmp'"),
-    ("okloss", "x", "mse", "a/b", "'a/b'"),
-    ("okloss", "x", "mse", "..", "'..'"),
-    ("okloss", "x", "no_such_loss", "fine", "unknown loss 'no_such_loss'"),
-])
-def test_unsafe_or_unknown_names_are_contained(plugin_path, tmp_path, name, family, impl_loss,
-                                               impl, bad):
-    src = UNSAFE_PLUGIN.replace("@NAME@", repr(name)).replace("@FAMILY@", repr(family)) \
-        .replace("@IMPL_LOSS@", repr(impl_loss)).replace("@IMPL@", repr(impl))
-    make_dist(plugin_path, "bad-unsafe-losses", {"bad_unsafe": src},
-              {"bad_unsafe": "bad_unsafe"})
-    runner = CliRunner()
-    r = runner.invoke(main, ["plugins", "--json"])
-    assert r.exit_code == 0
-    info = {p["name"]: p for p in json.loads(r.stdout)}["bad_unsafe"]
-    reported = json.dumps(info)
-    assert bad.replace("'", "") in reported.replace("\\'", "").replace("'", "")
-    before = {p for p in tmp_path.rglob("*")}
-    out = tmp_path / "work" / "out"
-    r = runner.invoke(main, ["bench", "mse", "--device", "cpu", "--sizes", "quick",
-                             "--impl", "reference", "--out", str(out), "--no-plots"])
-    assert r.exit_code == 0, r.output
-    written = {p for p in tmp_path.rglob("*")} - before
-    assert written and all(p == out.parent or out in (p, *p.parents) for p in written), written
-    assert set(lossreg.load_results(out).loss) == {"mse"}

@@ -166,7 +166,7 @@ def _specs():
     yield LossSpec(
         name="info_nce", family="transformers", title="InfoNCE / NT-Xent",
         formula=(r"\frac{1}{B}\sum_i \tfrac12\Big[\Big(\mathrm{lse}_j S_{ij} - S_{ii}\Big)"
-                 r" + \Big(\mathrm{lse}_j S_{ji} - S_{ii}\Big)\Big],\quad"
+                 r" + \Big(\mathrm{lse}_j S_{ji} - S_{ii}\Big)\Big],\quad "
                  r"S_{ij} = \frac{\cos(u_i, v_j)}{\tau}"),
         description="Contrastive loss of two views with positives on the diagonal; "
                     "`symmetric` averages the row and column cross-entropies (else rows "
