@@ -106,6 +106,12 @@ def select(tasks: Sequence, cost: Callable[[Any], float] | None, info: RankInfo)
 
 
 # ---------------------------------------------------------------- the run
+#: what makes a row one row of a run: a loss x impl x dtype x size case's check and mode
+#: with its params. Every rank runs the edge cases and gradcheck of the losses in its
+#: share and writes the plan's skipped rows; the run keeps one of each.
+DEDUP_KEY = ["loss", "impl", "dtype", "n", "check", "mode", "params"]
+
+
 def _rank_dir(out: Path, rank: int) -> Path:
     return out / f"_rank-{rank}"
 
@@ -226,9 +232,14 @@ def consolidate(out: Path, run_id: str, tasks: Sequence, world: int, status: dic
     from .results import load_results, to_table, write_atomic
     from .rows import base_row, run_context
 
-    frames = [_rank_rows(out, r, run_id) for r in range(world)]
-    frames = [f for f in frames if len(f)]
+    frames = []
+    for r in range(world):
+        f = _rank_rows(out, r, run_id)
+        if len(f):
+            frames.append(f.assign(rank=r, world_size=world))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(df):  # rows not tied to one case (edge cases, gradcheck, skipped) once
+        df = df.drop_duplicates(DEDUP_KEY, keep="first").reset_index(drop=True)
     done = set()
     if len(df):
         done = set(zip(df["loss"], df["impl"], df["dtype"], df["n"]))

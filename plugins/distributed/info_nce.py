@@ -47,7 +47,7 @@ def validate(image, text, logit_scale, reduction, local_loss):
 
 def _symmetric(logits: torch.Tensor) -> torch.Tensor:
     diag = logits.diagonal()
-    return (torch.logsumexp(logits, 1) - diag + torch.logsumexp(logits, 0) - diag) / 2
+    return ((torch.logsumexp(logits, 1) - diag) + (torch.logsumexp(logits, 0) - diag)) / 2
 
 
 def _reduce(per_row, total_rows, reduction):
@@ -131,6 +131,6 @@ def fused(image, text, logit_scale, local_loss=False, reduction="mean", group=No
     rows = torch.arange(image.shape[0], device=image.device)
     li = scale * image @ all_txt.T
     lt = scale * text @ all_img.T
-    picked = li[rows, lo + rows]  # the same pair's score in both directions
-    per = (torch.logsumexp(li, 1) + torch.logsumexp(lt, 1)) / 2 - picked
+    per = ((torch.logsumexp(li, 1) - li[rows, lo + rows])
+           + (torch.logsumexp(lt, 1) - lt[rows, lo + rows])) / 2
     return _reduce(per, total, reduction)
