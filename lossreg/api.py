@@ -4,9 +4,11 @@ API (``lossreg.check``, ``lossreg.bench``) all take. `bench` chains the run
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .planning import DEFAULT_BUDGET
 from .runner import DEFAULT_ROUNDS, execute
 
 FAILED = ("fail", "error")
@@ -22,18 +24,37 @@ def check(names: Sequence[str] | None = None, *, sizes: str = "quick", **kwargs)
 
 
 def bench(names: Sequence[str] | None = None, *, out: str | Path = "results",
-          plots: bool = True, sizes: str = "default", rounds: int = DEFAULT_ROUNDS,
+          plots: bool = True, sizes: str | None = None, budget=None, rounds: int | None = None,
           consolidate: bool = True, echo: Callable[[str], None] | None = None, **kwargs):
     """Correctness, gradient and throughput rows, written under ``out`` as the run goes,
     then (with ``consolidate``) the consolidated run, its plots and a summary.
+
+    With no ``sizes`` the run is planned against ``budget`` (default `DEFAULT_BUDGET`,
+    `planning.plan_budget`: checks at the quick sizes, timings at each loss's
+    representative size, as many rounds as fit); ``sizes`` (quick, default, large) runs
+    every size of that preset, ``rounds`` times (default `DEFAULT_ROUNDS`).
 
     Returns the rows as a DataFrame; ``df.attrs`` holds ``run_id``, ``location`` (the
     Parquet written), ``plots`` (PNG paths) and ``summary`` (the table ``echo``, when
     given, prints with the row counts and the plots). Other keyword arguments as
     `runner.execute` (``device``, ``dtypes``, ``impls``, ``case_timeout``, ``run_id``,
     ``select``, ``row_extra``, ``registry``, ``progress``, ...)."""
-    df, writer = execute(names, throughput=True, out=out, sizes=sizes, rounds=rounds,
-                         consolidate=consolidate, **kwargs)
+    if sizes is None:
+        budget = DEFAULT_BUDGET if budget is None else budget
+    elif rounds is None:
+        rounds = DEFAULT_ROUNDS
+    plans = []
+
+    def on_plan(plan):
+        plans.append(plan)
+        if echo is not None and budget is not None:
+            echo(plan.describe())
+
+    t0 = time.monotonic()
+    df, writer = execute(names, throughput=True, out=out, sizes=sizes or "default",
+                         budget=budget, rounds=rounds, consolidate=consolidate,
+                         on_plan=on_plan, **kwargs)
+    real = time.monotonic() - t0
     written = []
     if plots and consolidate and len(df):
         from .plots import plot_run
@@ -41,12 +62,14 @@ def bench(names: Sequence[str] | None = None, *, out: str | Path = "results",
         written = plot_run(df, Path(out) / "plots" / f"_{writer.run_id}")
     text = summary(df)
     df.attrs.update(run_id=writer.run_id, location=str(writer.location),
-                    plots=[str(p) for p in written], summary=text)
+                    plots=[str(p) for p in written], summary=text, seconds=real)
     if echo is not None:
         echo(text)
         echo(f"\n{len(df)} rows ({status_counts(df)}) -> {writer.location}")
         for p in written:
             echo(f"plot: {p}")
+        if budget is not None and plans:
+            echo(plans[0].compare(real))
     return df
 
 

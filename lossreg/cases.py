@@ -119,6 +119,15 @@ def throughput_only_size(spec: LossSpec, task: Task, dtype: torch.dtype,
 
 
 def run_case(state: dict, task: Task, job: dict, send) -> None:
+    if job.get("checks", True):
+        run_all_checks(state, task, job, send)
+    if job.get("throughput"):
+        run_first_round(state, task, job["rounds"], send)
+
+
+def run_all_checks(state: dict, task: Task, job: dict, send) -> None:
+    """The reference's gradcheck (once per loss), the edge cases (once per loss x
+    implementation x dtype), correctness and gradient at each option set."""
     spec, impl, device = task.spec, task.impl, state["device"]
     if job.get("gradcheck"):
         row = base_row({}, Task(spec, impl, "float64", gradcheck_size(spec)),
@@ -129,8 +138,6 @@ def run_case(state: dict, task: Task, job: dict, send) -> None:
     if job.get("edges"):
         run_edge_cases(state, task, send)
     run_checks(state, task, job["all_options"], send)
-    if job.get("throughput"):
-        run_first_round(state, task, job["rounds"], send)
 
 
 def run_edge_cases(state: dict, task: Task, send) -> None:

@@ -159,30 +159,11 @@ def _run(fn, *args, **kwargs):
         _die(str(exc).splitlines()[0])
 
 
-def _progress():
-    """(progress, on_case, close): a bar redrawn in place on a terminal; one line per
-    finished case otherwise."""
-    tty = sys.stderr.isatty()
+def _progress(total: int):
+    """The run's display: a bar on a terminal, a line per finished case elsewhere."""
+    from .progress import Progress
 
-    def progress(done: int, total: int, msg: str):
-        if tty:
-            filled = int(24 * done / max(total, 1))
-            bar = "#" * filled + "." * (24 - filled)
-            click.echo(f"\r\033[K[{bar}] {done}/{total} {msg}", nl=False, err=True)
-        state["total"] = total
-
-    def on_case(name: str, status: str):
-        state["done"] += 1
-        if not tty:
-            click.echo(f"[{state['done']}/{state['total']}] {status:<7} {name}", err=True)
-
-    def close():
-        if tty and not state.get("closed"):
-            click.echo("", err=True)
-        state["closed"] = True
-
-    state = {"done": 0, "total": 0}
-    return progress, on_case, close
+    return Progress(total, stream=sys.stderr)
 
 
 @main.command()
@@ -197,11 +178,9 @@ def check(names, device, dtypes, impls, sizes, out, case_timeout):
     from .api import check as run_check
     from .api import failed, status_counts
 
-    progress, on_case, close = _progress()
     df = _run(run_check, list(names) or None, device=device, dtypes=dtypes or None,
-              impls=impls or None, sizes=sizes, out=out, progress=progress, on_case=on_case,
+              impls=impls or None, sizes=sizes, out=out, progress=_progress,
               case_timeout=case_timeout)
-    close()
     bad = df[df["status"].isin(["fail", "error"])]
     if len(bad):
         click.echo(_table(bad, ["loss", "impl", "dtype", "n", "check", "status", "message"]))
@@ -212,31 +191,34 @@ def check(names, device, dtypes, impls, sizes, out, case_timeout):
 @main.command()
 @click.argument("names", nargs=-1)
 @_common
-@click.option("--sizes", default="default", show_default=True, help="quick, default or large")
+@click.option("--sizes", default=None,
+              help="quick, default or large: every size of that preset, --rounds times "
+                   "[default: plan against --budget]")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="plan the run to fit this long (90s, 10m, 1h): checks at the quick "
+                   "sizes, timings at each loss's representative size, as many rounds as "
+                   "fit  [default: 10m when no --sizes is given]")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--rounds", type=click.IntRange(min=1),
               help="timing rounds per case, spread over the run so that drift of the "
                    "machine's speed averages out; each round after the first runs in a "
-                   "fresh worker process  [default: 5]")
+                   "fresh worker process  [default: 5 with --sizes, else what fits]")
 @click.option("--allow-failures", is_flag=True,
               help="exit 0 even when some rows are fail or error (bad input and signals "
                    "still exit 2 and 130/143)")
 @_friendly
-def bench(names, device, dtypes, impls, sizes, out, no_plots, case_timeout, rounds,
+def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeout, rounds,
           allow_failures):
     """Checks plus forward/backward/full timings and memory, written as Parquet. Exit
     status: 0 all rows ok or skipped, 1 any fail or error (0 with --allow-failures),
     2 bad input or unwritable results, 130/143 on Ctrl-C/SIGTERM."""
     from .api import bench as run_bench
     from .api import failed
-    from .runner import DEFAULT_ROUNDS
 
-    progress, on_case, close = _progress()
     df = _run(run_bench, list(names) or None, device=device, dtypes=dtypes or None,
-              impls=impls or None, sizes=sizes, out=out, plots=not no_plots,
-              progress=progress, on_case=on_case, case_timeout=case_timeout,
-              rounds=rounds or DEFAULT_ROUNDS, echo=lambda text: (close(), click.echo(text)))
+              impls=impls or None, sizes=sizes, budget=budget, out=out, plots=not no_plots,
+              progress=_progress, case_timeout=case_timeout, rounds=rounds, echo=click.echo)
     sys.exit(1 if failed(df) and not allow_failures else 0)
 
 

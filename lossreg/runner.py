@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import cases, measure, planning
-from .planning import HarnessError, Task, make_plan
+from .planning import HarnessError, Plan, Task, make_plan
 from .registry import Registry, default_registry
 from .results import ResultWriter, to_table
 from .rows import base_row, run_context, skipped_rows
@@ -29,7 +29,21 @@ from .workers import Pool, WorkerStartError
 DEFAULT_ROUNDS = 5  # timing rounds per case in `bench` (see `run_rounds`)
 INTERPRETER_BENCH_SKIP = ("Triton on CPU runs under the interpreter: checked by `lossreg check` "
                           "at the quick sizes, never timed")
-ProgressFn = Callable[[int, int, str], None]  # (cases done, cases in all, current case)
+
+class _Quiet:
+    """No progress display (the Python API's default)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def case_started(self, name: str) -> None:
+        pass
+
+    def case_done(self, name: str, status: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Interrupted(KeyboardInterrupt):
@@ -75,13 +89,7 @@ def case_limit(task: Task, device: str, case_timeout: float | None) -> float | N
     model's (`planning.case_timeout`)."""
     if case_timeout is not None:
         return case_timeout or None
-    model = getattr(planning, "case_timeout", None)  # H2's cost model, once it has landed
-    return model(task, device) if model is not None else _fallback_timeout(task, device)
-
-
-def _fallback_timeout(task: Task, device: str) -> float:
-    """Until the cost model gives one: generous, so that only a hang reaches it."""
-    return 600.0 if measure.device_type(device) == "cpu" else 300.0
+    return planning.case_timeout(task, device)
 
 
 def case_name(task: Task) -> str:
@@ -247,28 +255,40 @@ def execute(
     names: Sequence[str] | None = None, *, device: str = "auto",
     dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
     sizes: str = "quick", throughput: bool = False, out: str | Path | None = None,
-    registry: Registry | None = None, progress: ProgressFn | None = None,
-    case_timeout: float | None = None, rounds: int = 1, run_id: str | None = None,
-    select: Callable[[list[Task]], list[Task]] | None = None, row_extra: dict | None = None,
-    consolidate: bool = True, check_bytes_max: int | None = None,
-    on_case: Callable[[str, str], None] | None = None,
+    registry: Registry | None = None, progress: Callable | None = None,
+    case_timeout: float | None = None, rounds: int | None = None, budget=None,
+    run_id: str | None = None, select: Callable[[list[Task]], list[Task]] | None = None,
+    row_extra: dict | None = None, consolidate: bool = True,
+    check_bytes_max: int | None = None, on_plan: Callable[[Plan], None] | None = None,
 ):
     """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None).
 
     Arguments are validated before anything is written. ``case_timeout``: seconds per
-    case (0: no limit; None: the cost model's default). ``rounds``: timing rounds per
-    case (with ``throughput``). ``select(tasks)`` picks the planned tasks this process
-    runs; ``row_extra`` is merged into every row; with ``consolidate=False`` the part
-    files stay as they are (another process consolidates). ``progress(done, total,
-    case)`` is told before each case; ``on_case(case, status)`` after it. Ctrl-C or
-    SIGTERM raises `Interrupted` once the finished cases are saved."""
+    case (0: no limit; None: `planning.case_timeout`, from the cost model). ``budget``
+    (seconds or "10m"): plan with `planning.plan_budget` instead of every size of
+    ``sizes``. ``rounds``: timing rounds per case (default: the budget plan's, else 1).
+    ``select(tasks)`` picks the planned tasks this process runs; ``row_extra`` is merged
+    into every row; with ``consolidate=False`` the part files stay as they are (another
+    process consolidates). ``progress(total)`` makes the display (``case_started``,
+    ``case_done``, ``close``; e.g. `progress.Progress`); ``total`` counts every
+    round. ``on_plan(plan)`` hears the plan before anything runs. Ctrl-C or SIGTERM
+    raises `Interrupted` once the finished cases are saved."""
     import pandas as pd
 
     device = resolve_device(device)
     case_timeout = resolve_timeout(case_timeout)
-    rounds = resolve_rounds(rounds)
+    if rounds is not None:
+        rounds = resolve_rounds(rounds)
     registry = registry or default_registry()
-    plan = make_plan(registry, names, device, dtypes, impls, sizes)
+    command = "bench" if throughput else "check"
+    if budget is not None:
+        plan = planning.plan_budget(registry, names, device, dtypes, impls, budget, rounds,
+                                    command=command)
+        rounds = plan.rounds
+    else:
+        plan = make_plan(registry, names, device, dtypes, impls, sizes, command=command)
+        rounds = rounds or 1
+        plan.rounds = rounds
     tasks = list(select(plan.tasks)) if select is not None else plan.tasks
     if out is not None:
         _writable(Path(out))
@@ -277,21 +297,27 @@ def execute(
     limits = {} if check_bytes_max is None else {"check_bytes_max": check_bytes_max}
     pool = Pool(cases.init, (specs, device, limits), cases.handle)
     checks = ("correctness", "gradient") + (("throughput",) if throughput else ())
-    skip_all = [t for t in tasks if throughput and t.impl.uses_triton and dev_type == "cpu"]
-    timed_total = (len(tasks) - len(skip_all)) * (rounds - 1) if throughput else 0
-    total = len(tasks) + timed_total
+
+    def checks_of(task: Task) -> tuple:
+        return checks if task.checks is None else tuple(c for c in task.checks if c in checks)
+
+    skip_all = [t for t in tasks if "throughput" in checks_of(t) and t.impl.uses_triton
+                and dev_type == "cpu"]
+    timed_total = sum("throughput" in checks_of(t) for t in tasks if t not in skip_all)
+    total = len(tasks) + timed_total * (rounds - 1)
     counter = {"done": 0, "current": "planning"}
     writer = None
+    if on_plan is not None:
+        on_plan(plan)
+    shown = (progress or _Quiet)(total)
 
     def report(name: str, status: str | None) -> None:
         if status is None:
             counter["current"] = name
-            if progress:
-                progress(counter["done"], total, name)
+            shown.case_started(name)
             return
         counter["done"] += 1
-        if on_case:
-            on_case(name, status)
+        shown.case_done(name, status)
 
     previous = _on_sigterm()
     state = None
@@ -304,7 +330,7 @@ def execute(
         if throughput and tasks:
             state.peak_gbps, failure = pool.run({"kind": "bandwidth"}, 600)
         for task, reason in plan.skipped:
-            state.emit(skipped_rows(context, task, reason, checks))
+            state.emit(skipped_rows(context, task, reason, checks_of(task)))
         gradchecked: set[str] = set()
         edges: set[tuple] = set()
         for task in tasks:
@@ -313,17 +339,20 @@ def execute(
             if task in skip_all:
                 # the interpreter at benchmark sizes takes minutes per case and times
                 # nothing; `lossreg check` covers these kernels at the quick sizes
-                rows = skipped_rows(context, task, INTERPRETER_BENCH_SKIP, checks)
+                rows = skipped_rows(context, task, INTERPRETER_BENCH_SKIP, checks_of(task))
             else:
+                mine = checks_of(task)
                 job = {"kind": "case", "loss": spec.name, "impl": impl.name,
                        "dtype": task.dtype, "n": task.n, "preset": task.preset,
+                       "checks": "correctness" in mine or "gradient" in mine,
                        "gradcheck": impl.kind == "reference" and spec.name not in gradchecked,
                        "edges": (spec.name, impl.name, task.dtype) not in edges,
-                       "all_options": not throughput or task.n == min(spec.sizes[sizes]),
-                       "throughput": throughput, "rounds": rounds}
-                if impl.kind == "reference":
-                    gradchecked.add(spec.name)
-                edges.add((spec.name, impl.name, task.dtype))
+                       "all_options": not throughput or task.n == min(spec.sizes[task.preset]),
+                       "throughput": "throughput" in mine, "rounds": rounds}
+                if job["checks"]:
+                    if impl.kind == "reference":
+                        gradchecked.add(spec.name)
+                    edges.add((spec.name, impl.name, task.dtype))
                 rows = _case_rows(state, task, job)
             state.emit(rows)
             bad = {r["status"] for r in rows} & {"error", "fail"}
@@ -345,6 +374,7 @@ def execute(
                           getattr(exc, "signum", signal.SIGINT)) from exc
     finally:
         pool.close()
+        shown.close()
         _restore_sigterm(previous)
     rows = state.rows
     df = to_table(rows).to_pandas() if rows else pd.DataFrame(columns=list(
