@@ -28,8 +28,11 @@ What maps where (Liger-Kernel 0.8 API; cut-cross-entropy 25.1 API):
 * ``fused_linear_distillation`` ``liger``: Liger's fused linear JSD (Triton);
   ``liger_chunked``: ``LigerFusedLinearJSDLoss`` of its chunked losses (soft loss
   only). Both map the directions as above.
-* ``dpo`` ``liger``: the preference loss Liger's chunked DPO applies to sequence
-  log-probs (``LigerFusedLinearDPOFunction.preference_loss_fn``); sigmoid and hinge.
+* ``jsd`` / ``tvd`` ``liger``: ``liger_jsd`` on the tempered log-softmaxes, ``liger_tvd``
+  on the tempered softmaxes (CUDA only: it fails under Triton's interpreter).
+* ``dpo``, ``orpo``, ``cpo``, ``simpo``, ``kto`` ``liger``: the preference losses Liger's
+  chunked losses apply to sequence log-probs (``preference_loss_fn``), in
+  :mod:`lossreg_plugins._peers_rl`.
 
 Our temperature convention multiplies the divergence by T^2; Liger's does not, so the
 adapters do. Liger's means divide by the rows; ``sum`` multiplies that back.
@@ -37,62 +40,24 @@ adapters do. Liger's means divide by the rows; ``sum`` multiplies that back.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-import lossreg
 from lossreg import Impl, hookimpl
 
-LIGER = "liger_kernel"
-CCE = "cut_cross_entropy"
-
-#: Liger's Triton kernels compute in float32 whatever the input dtype.
-HALF_AND_SINGLE = ("float32", "bfloat16", "float16")
-
-
-class UnsupportedOption(ValueError):
-    """An option set the peer cannot express. A ValueError, as the contract asks; the
-    core's own class of that name is used where it has one (so the harness can report
-    such cases as skipped rather than as errors)."""
-
-
-UnsupportedOption = getattr(lossreg, "UnsupportedOption", UnsupportedOption)
-
-
-def _unsupported(loss: str, impl: str, option: str, why: str) -> ValueError:
-    return UnsupportedOption(f"{loss}: the {impl} implementation cannot express {option}: "
-                             f"{why}")
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32 before a softmax, as our references do."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _nan_if_nothing_kept(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """torch's convention for ``mean`` over no kept target: NaN (with a zero gradient).
-    Liger returns 0 there; this needs no host sync."""
-    return torch.where(keep.any(), out, torch.full_like(out, float("nan")))
-
-
-def _under_interpreter(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreted(loss: str, option: str) -> ValueError:
-    return _unsupported(loss, "liger", f"{option} on CPU",
-                        f"Liger's kernel with {option} calls .to() on a Python float argument, "
-                        "which compiles for a GPU but fails under Triton's interpreter")
-
-
-def _scale_reduced(out: torch.Tensor, reduction: str, rows: int, loss: str, impl: str):
-    """``out`` is the peer's mean over ``rows`` rows: ``sum`` is that times the rows;
-    ``none`` is not expressible (the peer returns one scalar)."""
-    if reduction == "none":
-        raise _unsupported(loss, impl, "reduction='none'",
-                           "the peer returns only the mean over rows, no per-row losses")
-    return out * rows if reduction == "sum" else out
+from ._peers_common import (  # noqa: F401 - re-exported for the adapters' users
+    CCE,
+    HALF_AND_SINGLE,
+    LIGER,
+    UnsupportedOption,
+    _interpreted,
+    _nan_if_nothing_kept,
+    _scale_reduced,
+    _under_interpreter,
+    _unsupported,
+    _upcast,
+)
+from ._peers_rl import cpo_liger, dpo_liger, kto_liger, orpo_liger, simpo_liger
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -275,39 +240,51 @@ def fld_liger_chunked(student_hidden, student_weight, teacher_hidden, teacher_we
     return out.to(student_hidden.dtype)
 
 
-# ---------------------------------------------------------------- dpo
-def dpo_liger(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-              reference_rejected_logps, beta=0.1, label_smoothing=0.0, loss_type="sigmoid",
+# ---------------------------------------------------------------- jsd, tvd
+def jsd_liger(student, teacher, labels=None, beta=0.5, temperature=1.0, ignore_index=-100,
               reduction="mean"):
-    """The loss Liger's chunked DPO applies to the sequence log-probs it computes."""
-    from lossreg_plugins.rl import _validate_dpo
+    """Liger's JSD kernel on the tempered log-softmaxes (it takes log-probabilities);
+    its labels skip rows, its mean is over the kept rows."""
+    from lossreg_plugins.transformers.divergences import validate
 
-    _validate_dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                  reference_rejected_logps, beta, label_smoothing, loss_type, reduction)
-    if loss_type == "ipo":
-        raise _unsupported("dpo", "liger", "loss_type='ipo'",
-                           "Liger's DPO does not implement IPO")
-    if label_smoothing:
-        raise _unsupported("dpo", "liger", f"label_smoothing={label_smoothing}",
-                           "Liger's sigmoid loss has no conservative-DPO smoothing (its "
-                           "'robust' loss is a different, debiased formula)")
+    validate("jsd", student, teacher, labels, temperature, beta, ignore_index, reduction)
     if reduction == "none":
-        raise _unsupported("dpo", "liger", "reduction='none'",
-                           "Liger's DPO returns only the reduced loss")
-    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+        raise _unsupported("jsd", "liger", "reduction='none'",
+                           "Liger's JSD returns only the mean over kept rows")
+    keep = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) \
+        if labels is None else labels != ignore_index
+    if not bool(keep.any()):  # Liger divides by zero kept rows; torch's mean: NaN
+        return student.sum() * 0 + float("nan")
+    from liger_kernel.transformers.functional import liger_jsd
 
-    dtype = policy_chosen_logps.dtype
-    c, r, rc, rr = (_upcast(t).reshape(-1) for t in (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps.detach(),
-        reference_rejected_logps.detach()))
-    # Liger divides the summed loss by len(full_target) // 2, the pairs of the whole
-    # batch (its chunks see part of it): only the length is read, a meta tensor will do.
-    pairs = c.numel() if reduction == "mean" else 1
-    full_target = torch.empty(2 * pairs, device="meta")
-    out = LigerFusedLinearDPOFunction.preference_loss_fn(
-        c, r, full_target, rc, rr, beta=float(beta), loss_type=loss_type)
-    loss = out[0] if isinstance(out, tuple) else out
-    return loss.to(dtype)
+    logq = torch.log_softmax(_upcast(student) / temperature, dim=-1)
+    logp = torch.log_softmax(_upcast(teacher.detach()) / temperature, dim=-1)
+    out = liger_jsd(logq, logp, shift_labels=None if labels is None else labels.long(),
+                    beta=float(beta), ignore_index=int(ignore_index))
+    return (out * keep.sum() if reduction == "sum" else out).to(student.dtype)
+
+
+def tvd_liger(student, teacher, labels=None, temperature=1.0, ignore_index=-100,
+              reduction="mean"):
+    """Liger's TVD kernel on the tempered softmaxes (it takes probabilities); our mean is
+    its ``batchmean`` (over kept rows), our ``none`` its per-element rows summed."""
+    from lossreg_plugins.transformers.divergences import validate
+
+    validate("tvd", student, teacher, labels, temperature, 0.5, ignore_index, reduction)
+    keep = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) \
+        if labels is None else labels != ignore_index
+    if reduction == "mean" and not bool(keep.any()):
+        return student.sum() * 0 + float("nan")
+    from liger_kernel.transformers.functional import liger_tvd
+
+    q = torch.softmax(_upcast(student) / temperature, dim=-1)
+    p = torch.softmax(_upcast(teacher.detach()) / temperature, dim=-1)
+    out = liger_tvd(q, p, shift_labels=None if labels is None else labels.long(),
+                    reduction={"mean": "batchmean"}.get(reduction, reduction),
+                    ignore_index=int(ignore_index))
+    if reduction == "none":
+        out = out.sum(-1)  # Liger's 'none' is per element (N, V); ours per row
+    return out.to(student.dtype)
 
 
 # ---------------------------------------------------------------- registration
@@ -345,6 +322,31 @@ def _impls():
         grad_in_forward=True,
         description="Liger-Kernel chunked LigerFusedLinearJSDLoss (eager PyTorch, soft "
                     "loss only); no reduction='none'")
+    yield "jsd", Impl(
+        "liger", jsd_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
+        description="Liger-Kernel liger_jsd on tempered log-softmaxes; no reduction='none'")
+    yield "tvd", Impl(
+        "liger", tvd_liger, **{**liger, "devices": ("cuda",)}, dtypes=HALF_AND_SINGLE,
+        grad_in_forward=True,
+        description="Liger-Kernel liger_tvd on tempered softmaxes (does not run under "
+                    "Triton's interpreter: its kernel calls .to() on a Python float)")
+    eager = {**liger, "uses_triton": False, "backend": LIGER}
+    yield "orpo", Impl(
+        "liger", orpo_liger, **eager,
+        description="Liger-Kernel chunked ORPO's odds-ratio loss on sequence log-probs, "
+                    "plus the chosen NLL; no reduction='none'")
+    yield "cpo", Impl(
+        "liger", cpo_liger, **eager,
+        description="Liger-Kernel chunked CPO's preference loss plus alpha times the chosen "
+                    "NLL; no reduction='none'")
+    yield "simpo", Impl(
+        "liger", simpo_liger, **eager,
+        description="Liger-Kernel chunked SimPO's preference loss on length-normalized "
+                    "log-probs; no reduction='none'")
+    yield "kto", Impl(
+        "liger", kto_liger, **eager,
+        description="Liger-Kernel chunked KTO's loss with our reference point z0; no "
+                    "class weights or reduction='none'")
     yield "dpo", Impl(
         "liger", dpo_liger, **liger,
         description="Liger-Kernel's DPO preference loss on sequence log-probs (sigmoid, "
