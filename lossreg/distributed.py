@@ -276,11 +276,18 @@ def _spawned(tasks, context, world: int, device: str, timeout: float) -> list[di
     why: dict[int, str] = {}
     try:
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            dead = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if dead:  # the others would wait for it in their next collective
+                for r, p in enumerate(procs):
+                    if p.poll() is None:
+                        why[r] = (f"was stopped: rank {dead[0]} "
+                                  f"{describe_exit(procs[dead[0]].returncode)}")
+                break
             time.sleep(0.2)
     finally:
         for r, p in enumerate(procs):
             if p.poll() is None:
-                why[r] = f"hung: still running after the {timeout:g} s timeout"
+                why.setdefault(r, f"hung: still running after the {timeout:g} s timeout")
                 p.kill()
             p.wait()
             if p.returncode != 0 and r not in why:

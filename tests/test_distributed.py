@@ -119,7 +119,7 @@ def test_checker_fails_a_wrong_implementation_and_passes_a_right_one():
 
 @pytest.mark.parametrize("impl,words", [("dies", "exited with status 3"), ("hangs", "hung")])
 def test_a_dead_or_hung_rank_becomes_error_rows(impl, words):
-    limit = 40.0
+    limit = 90.0
     start = time.monotonic()
     rows = check_distributed([toy_spec()], 2, dtypes=["float64"], impls=[impl], timeout=limit)
     assert time.monotonic() - start < limit + 60  # the run ended: killed, not waited for
