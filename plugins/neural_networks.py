@@ -108,13 +108,15 @@ def ce_torch(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
     if not z_loss:
         return out
     keep = target != ignore_index
-    z = z_loss * torch.logsumexp(input.float(), dim=1) ** 2 * keep
+    # at least float32 (16-bit logits are widened, as the reference does); float64 stays
+    wide = torch.float64 if input.dtype == torch.float64 else torch.float32
+    z = z_loss * torch.logsumexp(input.to(wide), dim=1) ** 2 * keep
     if reduction == "none":
         return out + z.to(out.dtype)
     if reduction == "sum":
         return out + z.sum().to(out.dtype)
     y = torch.where(keep, target, torch.zeros_like(target))
-    denom = (weight.float()[y] * keep).sum() if weight is not None else keep.sum().float()
+    denom = (weight.to(wide)[y] * keep).sum() if weight is not None else keep.sum().to(wide)
     return out + _mean_over_kept(z.sum(), denom).to(out.dtype)
 
 
