@@ -90,58 +90,103 @@ def ce_liger(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
 
 # ---------------------------------------------------------------- fused linear CE
 def _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                   reduction):
-    from lossreg_plugins.transformers.linear_ce import validate_flce
+                   reduction, class_weight=None, shift=False, accum_dtype=None):
+    from lossreg_plugins.transformers.linear_ce import validate_extras, validate_flce
 
-    validate_flce("fused_linear_cross_entropy", hidden, weight, bias, target, ignore_index,
-                  label_smoothing, z_loss, softcap, reduction)
+    loss = "fused_linear_cross_entropy"
+    validate_flce(loss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                  softcap, reduction)
+    return validate_extras(loss, hidden, weight, target, class_weight, shift, accum_dtype)
+
+
+def _shifted(hidden, target, shift, reduction, impl):
+    """``shift``: row i scored against target i+1 (the last row dropped), as CCE does."""
+    if not shift:
+        return hidden, target
+    return hidden[:-1], target[1:]
 
 
 def flce_liger(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-               z_loss=0.0, softcap=None, reduction="mean"):
-    _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                   reduction)
+               z_loss=0.0, softcap=None, reduction="mean", class_weight=None, shift=False,
+               return_z_loss=False, return_lse=False, accum_dtype=None):
+    accum = _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing,
+                           z_loss, softcap, reduction, class_weight, shift, accum_dtype)
+    loss = "fused_linear_cross_entropy"
     if torch.is_grad_enabled() and not hidden.requires_grad and (
             weight.requires_grad or (bias is not None and bias.requires_grad)):
-        raise _unsupported("fused_linear_cross_entropy", "liger",
-                           "gradients of weight or bias without one of hidden",
+        raise _unsupported(loss, "liger", "gradients of weight or bias without one of hidden",
                            "Liger computes every gradient only when hidden requires grad")
     if softcap and _under_interpreter(hidden):
-        raise _interpreted("fused_linear_cross_entropy", "softcap")
+        raise _interpreted(loss, "softcap")
+    if class_weight is not None and _under_interpreter(hidden):
+        raise _interpreted(loss, "class_weight")
+    if return_lse:
+        raise _unsupported(loss, "liger", "return_lse", "Liger returns no log-sum-exp")
+    if return_z_loss and reduction == "none":
+        raise _unsupported(loss, "liger", "return_z_loss with reduction='none'",
+                           "Liger returns the z-loss summed, not per row")
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    hidden, target = _shifted(hidden, target, shift, reduction, "liger")
     out = liger_fused_linear_cross_entropy(
-        hidden, weight, target, bias=bias, ignore_index=int(ignore_index),
-        lse_square_scale=float(z_loss), label_smoothing=float(label_smoothing),
-        reduction=reduction, softcap=float(softcap) if softcap else None)
+        hidden, weight, target, bias=bias, ce_weight=class_weight,
+        ignore_index=int(ignore_index), lse_square_scale=float(z_loss),
+        label_smoothing=float(label_smoothing), reduction=reduction,
+        softcap=float(softcap) if softcap else None, return_z_loss=bool(return_z_loss),
+        accum_dtype=accum if accum != weight.dtype else None)
+    z = None
+    if isinstance(out, tuple):
+        out, z = out[0], out[1]
     if reduction == "mean":
         out = _nan_if_nothing_kept(out, target != ignore_index)
-    return out.to(hidden.dtype)  # Liger's loss is float32 whatever the inputs
+    out = out.to(hidden.dtype)  # Liger's loss is float32 whatever the inputs
+    return (out, z.to(hidden.dtype)) if return_z_loss else out
 
 
 def flce_cce(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-             z_loss=0.0, softcap=None, reduction="mean"):
+             z_loss=0.0, softcap=None, reduction="mean", class_weight=None, shift=False,
+             return_z_loss=False, return_lse=False, accum_dtype=None, _impl="cce"):
     _validate_flce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                   reduction)
+                   reduction, class_weight, shift, accum_dtype)
+    loss = "fused_linear_cross_entropy"
+    name = "cce" if _impl == "cce" else "cce_compile"
     why = "cut-cross-entropy computes plain cross-entropy of e @ c.T"
     if bias is not None:
-        raise _unsupported("fused_linear_cross_entropy", "cce", "bias",
-                           why + " (its classifier has no bias)")
+        raise _unsupported(loss, name, "bias", why + " (its classifier has no bias)")
     if label_smoothing:
-        raise _unsupported("fused_linear_cross_entropy", "cce",
-                           f"label_smoothing={label_smoothing}", why)
-    if z_loss:
-        raise _unsupported("fused_linear_cross_entropy", "cce", f"z_loss={z_loss}", why)
-    if reduction == "mean" and not bool((target != ignore_index).any()):
+        raise _unsupported(loss, name, f"label_smoothing={label_smoothing}", why)
+    if z_loss or return_z_loss:
+        raise _unsupported(loss, name, "z_loss", why)
+    if class_weight is not None:
+        raise _unsupported(loss, name, "class_weight", why)
+    if return_lse:
+        raise _unsupported(loss, name, "return_lse",
+                           "cut-cross-entropy 25.1's linear_cross_entropy returns no lse")
+    if accum_dtype is not None:
+        raise _unsupported(loss, name, "accum_dtype",
+                           "cut-cross-entropy chooses its own accumulation")
+    kept = target[1:] if shift else target
+    if reduction == "mean" and not bool((kept != ignore_index).any()):
         # CCE's mean over no kept row is NaN and its backward divides by zero; torch's
         # convention is NaN with a zero gradient (CCE syncs on the targets anyway).
         return (hidden.sum() + weight.sum()) * 0 + float("nan")
     from cut_cross_entropy import linear_cross_entropy
 
+    extra = {"filter_eps": None} if _impl == "cce" else {}
     out = linear_cross_entropy(hidden, weight, target, ignore_index=int(ignore_index),
                                softcap=float(softcap) if softcap else None,
-                               reduction=reduction, shift=False, filter_eps=None)
+                               reduction=reduction, shift=bool(shift), impl=_impl, **extra)
     return out.to(hidden.dtype)  # CCE's loss is float32 whatever the inputs
+
+
+def flce_cce_compile(hidden, weight, target, bias=None, ignore_index=-100,
+                     label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                     class_weight=None, shift=False, return_z_loss=False, return_lse=False,
+                     accum_dtype=None):
+    """CCE's torch.compile path: the one that runs on a CPU."""
+    return flce_cce(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
+                    softcap, reduction, class_weight, shift, return_z_loss, return_lse,
+                    accum_dtype, _impl="torch_compile")
 
 
 # ---------------------------------------------------------------- distillation
@@ -304,6 +349,12 @@ def _impls():
         "cce", flce_cce, **cce,
         description="cut-cross-entropy linear_cross_entropy (CCE kernel, filter_eps=None: "
                     "exact gradients); no bias, label smoothing or z-loss")
+    yield "fused_linear_cross_entropy", Impl(
+        "cce_compile", flce_cce_compile, **{**cce, "devices": ("cpu", "cuda"),
+                                            "uses_triton": False},
+        description="cut-cross-entropy linear_cross_entropy(impl='torch_compile'), its CPU "
+                    "path (slow first call: torch.compile); no bias, label smoothing, "
+                    "z-loss or class weights")
     yield "kl_distillation", Impl(
         "liger", kl_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
         description="Liger-Kernel generalized JSD kernel (beta 0 / 1: forward / reverse "

@@ -33,6 +33,7 @@ PEER_IMPLS = {
     ("cross_entropy", "liger"): "liger_kernel",
     ("fused_linear_cross_entropy", "liger"): "liger_kernel",
     ("fused_linear_cross_entropy", "cce"): "cut_cross_entropy",
+    ("fused_linear_cross_entropy", "cce_compile"): "cut_cross_entropy",
     ("kl_distillation", "liger"): "liger_kernel",
     ("kl_distillation", "liger_kl_div"): "liger_kernel",
     ("fused_linear_distillation", "liger"): "liger_kernel",

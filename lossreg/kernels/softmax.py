@@ -334,8 +334,9 @@ cross_entropy = CrossEntropyKernel()
 def ce_rows_inplace(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                     label_smoothing: float = 0.0, z_loss: float = 0.0,
                     denom: torch.Tensor | None = None,
-                    row_scale: torch.Tensor | None = None, return_stats: bool = False):
-    """Cross-entropy of a block of rows (unweighted classes), overwriting ``logits`` with
+                    row_scale: torch.Tensor | None = None, return_stats: bool = False,
+                    weight: torch.Tensor | None = None):
+    """Cross-entropy of a block of rows (``weight``: optional class weights), overwriting ``logits`` with
     the gradient scaled by ``1/denom`` (a 0-d tensor) or per row by ``row_scale``. One
     launch, one program per row; returns the per-row loss (0 for ignored rows), in the
     accumulator dtype (float64 for float64 logits, else float32). ``return_stats``:
@@ -357,14 +358,16 @@ def ce_rows_inplace(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
         denom = torch.ones((), dtype=acc, device=logits.device)
     denom = denom.to(acc)
     g = row_scale.to(acc).contiguous() if row_scale is not None else denom
+    w = weight.contiguous() if weight is not None else None
+    w_sum = float(w.to(acc).sum()) if w is not None else float(n_cls)
     _ce_rows[(n_rows, 1)](
-        logits, target.contiguous(), logits, stats, logits, g, denom,
-        scalars(logits.device, logits.dtype, label_smoothing, z_loss, n_cls),
-        logits.stride(0), logits.stride(0), n_cls, chunk, int(ignore_index), HAS_W=False,
+        logits, target.contiguous(), w if w is not None else logits, stats, logits, g, denom,
+        scalars(logits.device, logits.dtype, label_smoothing, z_loss, w_sum),
+        logits.stride(0), logits.stride(0), n_cls, chunk, int(ignore_index), HAS_W=w is not None,
         SMOOTH=label_smoothing > 0, HAS_Z=z_loss != 0, DO_STATS=True, DO_GRAD=True,
         G_PER_ROW=row_scale is not None, ACC=tl_acc(logits.dtype), BLOCK=block,
         num_warps=NUM_WARPS)
-    loss, max_r, _, z_rows = row_loss(stats, target, None, ignore_index, label_smoothing,
+    loss, max_r, _, z_rows = row_loss(stats, target, w, ignore_index, label_smoothing,
                                       z_loss, n_cls)
     if return_stats:
         return loss, max_r.sum(1), z_rows

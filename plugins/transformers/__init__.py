@@ -8,7 +8,7 @@ import torch
 from lossreg import Impl, LossSpec, hookimpl
 from lossreg.kernels.traffic import streamed
 
-from . import contrastive, distill, divergences, linear_ce, lm
+from . import contrastive, distill, divergences, linear_ce, lm, mlm
 
 TRITON = dict(backend="triton", devices=("cuda",), requires=("triton",))
 CE_OPTIONS = {"ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean"}
@@ -59,6 +59,17 @@ def _kept_count(key, shift=False):
         return float((y != options.get("ignore_index", -100)).sum())
 
     return count
+
+
+def _flce_mean_count(inputs, options):
+    """The kept rows' class weight (their count without class weights); ``shift``
+    scores row i against target i+1."""
+    y = inputs["target"][1:] if options.get("shift") else inputs["target"]
+    keep = y != options.get("ignore_index", -100)
+    w = inputs.get("class_weight")
+    if w is None:
+        return float(keep.sum())
+    return float((w[torch.where(keep, y, 0)] * keep).sum())
 
 
 def _seq2seq_mean_count(inputs, options):
@@ -126,20 +137,29 @@ def _specs():
                  r"\mathrm{cap}(z) = c\tanh(z / c)"),
         description="Cross-entropy of an LM head's logits without materializing the N x V "
                     "logits: chunks of rows, gradients of hidden, weight and bias computed "
-                    "chunk by chunk during the forward. CE options as cross_entropy "
-                    "(no class weights); `softcap` optional.",
+                    "chunk by chunk during the forward. CE options as cross_entropy, class "
+                    "weights as `class_weight` (V,); `softcap` c tanh(z / c) (Gemma 2); "
+                    "`shift` scores row i against target i+1 (`none`: N-1 rows); "
+                    "`return_z_loss` / `return_lse` return (loss, z-loss, lse) tuples "
+                    "(the loss includes the z-loss); `accum_dtype` accumulates the weight "
+                    "gradient (default float32 for a 16-bit weight).",
         citation="Wijmans et al. (2024) Cut Your Losses; Hsu et al. (2024) Liger-Kernel",
         reference=linear_ce.flce_reference, make_inputs=linear_ce.make_flce_inputs,
-        options={**CE_OPTIONS, "z_loss": 0.0, "softcap": None},
+        options={**CE_OPTIONS, "z_loss": 0.0, "softcap": None, "shift": False,
+                 "return_z_loss": False, "return_lse": False, "accum_dtype": None},
         grad_inputs=("hidden", "weight", "bias"), x_name="tokens", sizes=LINEAR_SIZES,
         input_params=LINEAR_SHAPES, flops=linear_ce.flce_flops,
         check_options=[{"reduction": "sum"}, {"reduction": "none"},
-                       {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 15.0}],
-        mean_count=_kept_count("target"),
+                       {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 15.0},
+                       {"shift": True}, {"shift": True, "reduction": "none"},
+                       {"accum_dtype": "float64", "reduction": "sum"}],
+        mean_count=_flce_mean_count,
         edge_cases={
             "bias": _with(linear_ce.make_flce_inputs,
                           bias=lambda c, i: c.randn(i["weight"].shape[0])),
             "one_row": _resize(linear_ce.make_flce_inputs, 1),
+            "class_weighted": _with(linear_ce.make_flce_inputs, class_weight=lambda c, i: (
+                c.rand(i["weight"].shape[0]) + 0.5)),
             "all_ignored": _with(_resize(linear_ce.make_flce_inputs, 9),
                                  target=lambda c, i: torch.full_like(i["target"], -100)),
         },
@@ -153,14 +173,14 @@ def _specs():
                     "elsewhere, ~15% masked). The optimized versions select the masked rows "
                     "before the vocabulary projection, then run fused linear cross-entropy.",
         citation="Devlin et al. (2019) BERT",
-        reference=linear_ce.mlm_reference, make_inputs=linear_ce.make_mlm_inputs,
+        reference=mlm.mlm_reference, make_inputs=mlm.make_mlm_inputs,
         options={"reduction": "mean"}, grad_inputs=("hidden", "weight"), x_name="tokens",
         sizes=LINEAR_SIZES, input_params=LINEAR_SHAPES,
         check_options=[{"reduction": "sum"}, {"reduction": "none"}],
         mean_count=_kept_count("labels"),
         flops=linear_ce.flce_flops,
         edge_cases={"one_masked": _with(
-            _resize(linear_ce.make_mlm_inputs, 23),
+            _resize(mlm.make_mlm_inputs, 23),
             labels=lambda c, i: torch.where(torch.arange(23) == 7, 3, -100))},
     )
     yield LossSpec(
@@ -326,9 +346,9 @@ def register_implementations(register):
         bytes_model=streamed("hidden", "weight", "bias"), grad_in_forward=True, **TRITON,
         description="row chunks; the Triton CE kernel turns each logit chunk into its "
                     "gradient in place"))
-    register("mlm", Impl("selected", linear_ce.mlm_selected, grad_in_forward=True,
+    register("mlm", Impl("selected", mlm.mlm_selected, grad_in_forward=True,
                          description="masked rows first, then chunked fused linear CE"))
-    register("mlm", Impl("triton", linear_ce.mlm_triton,
+    register("mlm", Impl("triton", mlm.mlm_triton,
                          bytes_model=streamed("hidden", "weight"), grad_in_forward=True, **TRITON,
                          description="masked rows first, then Triton fused linear CE"))
     register("info_nce", Impl("chunked", contrastive.chunked,

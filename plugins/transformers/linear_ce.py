@@ -37,8 +37,12 @@ def chunk_rows(n_rows: int, n_cls: int, budget: int | None = None) -> int:
 
 
 def ce_rows_torch_(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                   denom=None, row_scale=None):
-    """Eager twin of ``lossreg.kernels.softmax.ce_rows_inplace`` (float32 logits)."""
+                   denom=None, row_scale=None, weight=None):
+    """Eager twin of ``lossreg.kernels.softmax.ce_rows_inplace``: per-row (loss, lse,
+    z-loss part), the logits overwritten by the gradient. ``weight``: class weights.
+
+    d loss / d x_c = (1-eps) w_y (p_c - [c=y]) + eps/C (W p_c - w_c) + 2 z lse p_c,
+    W = sum_c w_c; the loss is (1-eps) w_y (lse - x_y) + eps/C sum_c w_c (lse - x_c)."""
     n_cls = logits.shape[1]
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros_like(target))
@@ -50,31 +54,34 @@ def ce_rows_torch_(logits, target, ignore_index=-100, label_smoothing=0.0, z_los
     shifted = logits.sub_(m[:, None])
     r = torch.logsumexp(shifted, dim=1)
     lse = m + r
-    loss = (r - shifted.gather(1, y[:, None]).squeeze(1))
+    w = weight.to(logits.dtype) if weight is not None else None
+    w_y = w[y] if w is not None else torch.ones_like(r)
+    w_sum = w.sum() if w is not None else float(n_cls)
+    loss = (r - shifted.gather(1, y[:, None]).squeeze(1)) * w_y
     if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing / n_cls * (
-            n_cls * r - shifted.sum(1))
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = loss * keep
+        xw = (shifted * w).sum(1) if w is not None else shifted.sum(1)
+        loss = (1 - label_smoothing) * loss + label_smoothing / n_cls * (w_sum * r - xw)
+    z_rows = z_loss * lse * lse * keep if z_loss else torch.zeros_like(lse)
+    loss = loss * keep + z_rows
     p = shifted.sub_(r[:, None]).exp_()
-    p.mul_((1 + 2 * z_loss * lse)[:, None])
-    p.scatter_add_(1, y[:, None], torch.full_like(lse, -(1 - label_smoothing))[:, None])
+    p.mul_(((1 - label_smoothing) * w_y + label_smoothing * w_sum / n_cls
+            + 2 * z_loss * lse)[:, None])
+    p.scatter_add_(1, y[:, None], (-(1 - label_smoothing) * w_y)[:, None])
     if label_smoothing:
-        p.sub_(label_smoothing / n_cls)
+        p.sub_(label_smoothing / n_cls * (w if w is not None else 1.0))
     if row_scale is not None:
         scale = row_scale.to(logits.dtype)
     else:
         scale = (1.0 / denom if denom is not None else torch.ones_like(lse)).expand_as(lse)
     # ignored rows get exactly zero (also when nothing is kept and 1/denom is inf)
     p.mul_(torch.where(keep, scale, torch.zeros_like(scale))[:, None])
-    return loss
+    return loss, lse, z_rows
 
 
-def _ce_rows_triton_(*args, **kwargs):
+def _ce_rows_triton_(*args, weight=None, **kwargs):
     from lossreg.kernels.softmax import ce_rows_inplace
 
-    return ce_rows_inplace(*args, **kwargs)
+    return ce_rows_inplace(*args, weight=weight, return_stats=True, **kwargs)
 
 
 CE_ROWS = {"torch": ce_rows_torch_, "triton": _ce_rows_triton_}
@@ -93,72 +100,109 @@ def _chunk_logits(h, weight, bias, softcap, upcast):
     return logits, tanh
 
 
+def default_accum(weight_dtype: torch.dtype) -> torch.dtype:
+    """Weight-gradient accumulation: float32 for 16-bit weights (bf16 sums of many
+    chunks drift), the weight's own dtype otherwise."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def run_chunks(h, weight, bias, target, opts, engine, denom=None, row_scale=None,
                want_grads=True):
-    """One pass over the row chunks. Returns (per-row loss, dh, dW, db)."""
-    ignore_index, eps, z, softcap = opts
+    """One pass over the row chunks. Returns (per-row loss, lse, z-loss part, dh, dW,
+    db); dW and db accumulate in ``opts.accum`` and come back in the weight's dtype."""
+    ignore_index, eps, z, softcap, cw, accum = opts
     n = h.shape[0]
     n_cls = weight.shape[0]
     ce_rows = CE_ROWS[engine]
     # the eager engine works in float32 for half inputs; the Triton kernel reads them as is
     upcast = engine == "torch" and h.dtype in (torch.float16, torch.bfloat16)
-    losses = torch.empty(n, dtype=acc_dtype(h.dtype), device=h.device)
+    acc = acc_dtype(h.dtype)
+    losses, lses, zs = (torch.empty(n, dtype=acc, device=h.device) for _ in range(3))
     dh = torch.empty_like(h) if want_grads else None
-    dw = torch.zeros_like(weight) if want_grads else None
-    db = torch.zeros_like(bias) if (want_grads and bias is not None) else None
+    dw = torch.zeros(weight.shape, dtype=accum, device=h.device) if want_grads else None
+    db = torch.zeros(bias.shape, dtype=accum, device=h.device) \
+        if (want_grads and bias is not None) else None
     step = chunk_rows(n, n_cls)
     for start in range(0, n, step):
         stop = min(n, start + step)
         h_c, y_c = h[start:stop], target[start:stop]
         logits, tanh = _chunk_logits(h_c, weight, bias, softcap, upcast)
         rs = row_scale[start:stop] if row_scale is not None else None
-        losses[start:stop] = ce_rows(logits, y_c, ignore_index, eps, z, denom, rs)
+        losses[start:stop], lses[start:stop], zs[start:stop] = ce_rows(
+            logits, y_c, ignore_index, eps, z, denom, rs, weight=cw)
         if not want_grads:
             continue
         if softcap:
             logits.mul_(1 - tanh * tanh)
         dl = logits.to(h.dtype)
         torch.mm(dl, weight, out=dh[start:stop])
-        dw.addmm_(dl.T, h_c)
+        if accum == h.dtype:
+            dw.addmm_(dl.T, h_c)
+        else:
+            dw.addmm_(logits.T.to(accum), h_c.to(accum))
         if db is not None:
-            db += dl.sum(0).to(db.dtype)
-    return losses, dh, dw, db
+            db += logits.sum(0).to(accum)
+    if want_grads:
+        dw = dw.to(weight.dtype)
+        db = db.to(bias.dtype) if db is not None else None
+    return losses, lses, zs, dh, dw, db
+
+
+def kept_weight(target, ignore_index, class_weight, dtype):
+    """What ``mean`` divides by: the kept rows, or their class weights' sum."""
+    keep = target != ignore_index
+    if class_weight is None:
+        return keep.sum().to(dtype)
+    y = torch.where(keep, target, torch.zeros_like(target))
+    return (class_weight.to(dtype)[y] * keep).sum()
+
+
+def _mean(total, denom):
+    empty = denom == 0  # torch: nothing kept -> nan, with a zero gradient
+    out = total / torch.where(empty, torch.ones_like(denom), denom)
+    return torch.where(empty, torch.full_like(out, float("nan")), out)
 
 
 class FusedLinearCE(torch.autograd.Function):
+    """Returns (loss, z-loss part, lse per row); the last two carry no gradient."""
+
     @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, eps, z, softcap, reduction, engine):
-        opts = (ignore_index, eps, z, softcap)
-        keep = target != ignore_index
-        denom = keep.sum().to(acc_dtype(h.dtype))
+    def forward(ctx, h, weight, bias, target, class_weight, ignore_index, eps, z, softcap,
+                reduction, engine, accum):
+        opts = (ignore_index, eps, z, softcap, class_weight, accum)
+        denom = kept_weight(target, ignore_index, class_weight, acc_dtype(h.dtype))
         if reduction == "none":
-            losses, *_ = run_chunks(h, weight, bias, target, opts, engine, want_grads=False)
+            losses, lses, zs, *_ = run_chunks(h, weight, bias, target, opts, engine,
+                                              want_grads=False)
             ctx.save_for_backward(h, weight, bias, target)
         else:
             scale = denom if reduction == "mean" else torch.ones_like(denom)
-            losses, dh, dw, db = run_chunks(h, weight, bias, target, opts, engine, denom=scale)
+            losses, lses, zs, dh, dw, db = run_chunks(h, weight, bias, target, opts, engine,
+                                                      denom=scale)
             ctx.save_for_backward(dh, dw, db)
         ctx.opts, ctx.reduction, ctx.engine = opts, reduction, engine
+        lse = lses.to(h.dtype)
         if reduction == "none":
-            return losses.to(h.dtype)
-        total = losses.sum()
-        if reduction == "sum":
-            return total.to(h.dtype)
-        empty = denom == 0  # torch: nothing kept -> nan, with a zero gradient
-        out = total / torch.where(empty, torch.ones_like(denom), denom)
-        return torch.where(empty, torch.full_like(out, float("nan")), out).to(h.dtype)
+            out, zout = losses.to(h.dtype), zs.to(h.dtype)
+        elif reduction == "sum":
+            out, zout = losses.sum().to(h.dtype), zs.sum().to(h.dtype)
+        else:
+            out, zout = _mean(losses.sum(), denom).to(h.dtype), _mean(zs.sum(), denom).to(
+                h.dtype)
+        ctx.mark_non_differentiable(zout, lse)
+        return out, zout, lse
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_z, _grad_lse):
         if ctx.reduction == "none":
             h, weight, bias, target = ctx.saved_tensors
-            _, dh, dw, db = run_chunks(h, weight, bias, target, ctx.opts, ctx.engine,
-                                       row_scale=grad)
+            *_, dh, dw, db = run_chunks(h, weight, bias, target, ctx.opts, ctx.engine,
+                                        row_scale=grad)
         else:
             dh, dw, db = ctx.saved_tensors
             dh, dw = dh * grad, dw * grad
             db = db * grad if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------ the loss
@@ -193,32 +237,106 @@ def _logits(hidden, weight, bias, softcap):
     return logits
 
 
-def flce_reference(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                   z_loss=0.0, softcap=None, reduction="mean"):
-    """Materialize the logits, then cross-entropy: what the fused versions avoid."""
-    validate_flce("fused_linear_cross_entropy", hidden, weight, bias, target, ignore_index,
-                  label_smoothing, z_loss, softcap, reduction)
-    return ce_reference(_logits(hidden, weight, bias, softcap), target,
-                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                        z_loss=z_loss, reduction=reduction)
+ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def flce_torch(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-               z_loss=0.0, softcap=None, reduction="mean"):
-    validate_flce("fused_linear_cross_entropy", hidden, weight, bias, target, ignore_index,
-                  label_smoothing, z_loss, softcap, reduction)
-    return ce_torch(_logits(hidden, weight, bias, softcap), target, ignore_index=ignore_index,
-                    label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
+def validate_extras(loss, hidden, weight, target, class_weight, shift, accum_dtype):
+    """The options beyond cross_entropy's; returns the accumulation dtype."""
+    v = weight.shape[0]
+    if class_weight is not None and (
+            not torch.is_tensor(class_weight) or class_weight.shape != (v,)
+            or not class_weight.is_floating_point() or class_weight.device != hidden.device):
+        raise ValueError(f"{loss}: class_weight must be None or a floating-point tensor of "
+                         f"shape ({v},) on {hidden.device}, got "
+                         f"{getattr(class_weight, 'shape', type(class_weight).__name__)}")
+    if shift not in (True, False):
+        raise ValueError(f"{loss}: shift must be True or False, got {shift!r}")
+    if shift and hidden.shape[0] < 2:
+        raise ValueError(f"{loss}: shift needs at least 2 rows (row i predicts target i+1), "
+                         f"got {hidden.shape[0]}")
+    if accum_dtype is None:
+        return default_accum(weight.dtype)
+    key = accum_dtype if isinstance(accum_dtype, str) else str(accum_dtype).removeprefix(
+        "torch.")
+    if key not in ACCUM_DTYPES:
+        raise ValueError(f"{loss}: accum_dtype must be None or one of {list(ACCUM_DTYPES)}, "
+                         f"got {accum_dtype!r}")
+    return ACCUM_DTYPES[key]
+
+
+def _targets(target, shift, ignore_index):
+    """Next-token targets: row i scored against target i+1, the last row ignored (a
+    copy of the N targets, never of the logits)."""
+    if not shift:
+        return target
+    return torch.cat([target[1:], target.new_full((1,), ignore_index)])
+
+
+def _extras(out, logits, target, class_weight, ignore_index, z_loss, reduction,
+            return_z_loss, return_lse):
+    """(loss, [z-loss part], [lse]) from materialized logits: the z-loss reduced like the
+    loss (mean: over the kept rows' class weight), lse per row."""
+    if not (return_z_loss or return_lse):
+        return out
+    lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=1)
+    result = [out]
+    if return_z_loss:
+        rows = z_loss * lse * lse * (target != ignore_index)
+        z = rows if reduction == "none" else rows.sum()
+        if reduction == "mean":
+            z = _mean(z, kept_weight(target, ignore_index, class_weight, z.dtype))
+        result.append(z.to(out.dtype).detach())
+    if return_lse:
+        result.append(lse.to(out.dtype).detach())
+    return tuple(result)
+
+
+def _eager(ce):
+    def fn(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+           z_loss=0.0, softcap=None, reduction="mean", class_weight=None, shift=False,
+           return_z_loss=False, return_lse=False, accum_dtype=None):
+        loss = "fused_linear_cross_entropy"
+        validate_flce(loss, hidden, weight, bias, target, ignore_index, label_smoothing,
+                      z_loss, softcap, reduction)
+        validate_extras(loss, hidden, weight, target, class_weight, shift, accum_dtype)
+        if shift:
+            hidden, target = hidden[:-1], target[1:]
+        logits = _logits(hidden, weight, bias, softcap)
+        out = ce(logits, target, weight=class_weight, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
+        return _extras(out, logits, target, class_weight, ignore_index, z_loss, reduction,
+                       return_z_loss, return_lse)
+
+    return fn
+
+
+#: Materialize the logits, then cross-entropy: what the fused versions avoid.
+flce_reference = _eager(ce_reference)
+#: Full logits + F.cross_entropy (autograd keeps the N x V logits).
+flce_torch = _eager(ce_torch)
 
 
 def _fused(engine):
     def fn(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-           z_loss=0.0, softcap=None, reduction="mean"):
-        validate_flce("fused_linear_cross_entropy", hidden, weight, bias, target,
-                      ignore_index, label_smoothing, z_loss, softcap, reduction)
-        return FusedLinearCE.apply(hidden, weight, bias, target, int(ignore_index),
-                                   float(label_smoothing), float(z_loss),
-                                   float(softcap) if softcap else None, reduction, engine)
+           z_loss=0.0, softcap=None, reduction="mean", class_weight=None, shift=False,
+           return_z_loss=False, return_lse=False, accum_dtype=None):
+        loss = "fused_linear_cross_entropy"
+        validate_flce(loss, hidden, weight, bias, target, ignore_index, label_smoothing,
+                      z_loss, softcap, reduction)
+        accum = validate_extras(loss, hidden, weight, target, class_weight, shift,
+                                accum_dtype)
+        out, z, lse = FusedLinearCE.apply(
+            hidden, weight, bias, _targets(target, shift, int(ignore_index)), class_weight,
+            int(ignore_index), float(label_smoothing), float(z_loss),
+            float(softcap) if softcap else None, reduction, engine, accum)
+        if shift:  # the last row predicts nothing
+            lse = lse[:-1]
+            if reduction == "none":
+                out, z = out[:-1], z[:-1]
+        if not (return_z_loss or return_lse):
+            return out
+        return (out,) + ((z,) if return_z_loss else ()) + ((lse,) if return_lse else ())
 
     fn.__name__ = f"flce_{engine}"
     return fn
@@ -245,46 +363,3 @@ def flce_flops(inputs):
     v = inputs["weight"].shape[0]
     mm = 2 * n * h * v
     return {"forward": mm, "backward": 2 * mm, "full": 3 * mm}
-
-
-# ------------------------------------------------------------------ masked LM
-def validate_mlm(hidden, weight, labels, reduction):
-    validate_flce("mlm", hidden, weight, None, labels, -100, 0.0, 0.0, None, reduction,
-                  target_name="labels")
-
-
-def mlm_reference(hidden, weight, labels, reduction="mean"):
-    """Project every position, then CE where labels are not -100."""
-    validate_mlm(hidden, weight, labels, reduction)
-    return ce_reference(hidden @ weight.T, labels, ignore_index=-100, reduction=reduction)
-
-
-def _mlm_selected(engine):
-    flce = _fused(engine)
-
-    def fn(hidden, weight, labels, reduction="mean"):
-        """Select the masked rows first, then fused linear CE on them alone."""
-        validate_mlm(hidden, weight, labels, reduction)
-        idx = (labels != -100).nonzero().squeeze(1)
-        out = flce(hidden.index_select(0, idx), weight, labels.index_select(0, idx),
-                   reduction=reduction)
-        if reduction != "none":
-            return out
-        full = out.new_zeros(labels.shape)
-        return full.index_put((idx,), out)
-
-    fn.__name__ = f"mlm_{engine}"
-    return fn
-
-
-mlm_selected = _mlm_selected("torch")
-mlm_triton = _mlm_selected("triton")
-
-
-def make_mlm_inputs(case):
-    inputs = make_flce_inputs(case)
-    masked = case.rand(case.n, dtype=torch.float32) < 0.15
-    masked[0] = True  # at least one masked position
-    labels = torch.where(masked, inputs.pop("target"), torch.full((case.n,), -100,
-                                                               device=case.device))
-    return {**inputs, "labels": labels}
