@@ -315,9 +315,11 @@ class Registry:
 
     def _reject(self, info: PluginInfo, msg: str) -> None:
         """A rejected entry point: listed (status ``rejected``) under a key of its own."""
+        if _strict():
+            raise PluginError(msg)
         info.status, info.error = "rejected", msg
         self.plugins[f"{info.name} ({info.dist or '?'})"] = info
-        self._warn(info, msg)
+        print(f"lossreg: warning: {msg}", file=sys.stderr)
 
     def _fail(self, info: PluginInfo, what: str, exc: BaseException) -> None:
         info.status = "failed"

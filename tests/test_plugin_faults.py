@@ -156,3 +156,5 @@ def test_lossreg_list_answers_with_the_faults_installed(builtin, faults):
                              capture_output=True, text=True, timeout=90)
     failed = [line for line in plugins.stdout.splitlines() if "failed" in line.split()]
     assert any(line.startswith("hang_at_import") for line in failed), plugins.stdout
+    rejected = [line.split() for line in plugins.stdout.splitlines() if " rejected " in line]
+    assert ["gbm", "rejected", "fault-gbm", "1.0", "clash_gbm"] in rejected, plugins.stdout
