@@ -1,0 +1,126 @@
+"""Cross-entropy options of fused_linear_cross_entropy (issue 20.5) in every
+implementation: class weights, softcap, shift, z-loss returned apart, lse, the
+weight-gradient accumulation dtype; each against torch's own F.cross_entropy on the
+materialized logits or the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lossreg
+from lossreg.planning import runnable
+from lossreg_plugins.transformers import linear_ce
+
+LOSS = "fused_linear_cross_entropy"
+
+
+def _impls(dtype="float64"):
+    spec = lossreg.get(LOSS)
+    return [n for n, i in spec.implementations.items()
+            if n not in ("compile", "cce_compile") and runnable(i, "cpu", dtype) is None]
+
+
+def _inputs(n=29, h=12, v=53, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    weight = torch.randn(v, h, generator=g, dtype=dtype) * 0.6
+    target = torch.randint(0, v, (n,), generator=g)
+    target[[2, 11]] = -100
+    class_weight = torch.rand(v, generator=g, dtype=dtype) + 0.5
+    return hidden, weight, target, class_weight
+
+
+def _call(impl, *args, **kwargs):
+    try:
+        return lossreg.get(LOSS).implementations[impl].fn(*args, **kwargs)
+    except lossreg.UnsupportedOption as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("impl", _impls() + ["reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weight_softcap_smoothing_match_torch(impl, reduction):
+    hidden, weight, target, cw = _inputs()
+    hidden.requires_grad_(True)
+    out = _call(impl, hidden, weight, target, class_weight=cw, softcap=3.0,
+                label_smoothing=0.1, reduction=reduction)
+    h64 = hidden.detach().clone().requires_grad_(True)
+    logits = 3.0 * torch.tanh((h64 @ weight.T) / 3.0)
+    want = F.cross_entropy(logits, target, weight=cw, label_smoothing=0.1, reduction=reduction)
+    if reduction == "none":
+        want = torch.where(target != -100, want, 0.0)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-13)
+    cot = torch.rand_like(want) + 0.5
+    (g,) = torch.autograd.grad(out, hidden, cot)
+    (g64,) = torch.autograd.grad(want, h64, cot)
+    torch.testing.assert_close(g, g64, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", _impls() + ["reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_z_loss_and_lse_returned_apart(impl, reduction):
+    hidden, weight, target, cw = _inputs(seed=1)
+    out, z, lse = _call(impl, hidden, weight, target, z_loss=1e-2, class_weight=cw,
+                        reduction=reduction, return_z_loss=True, return_lse=True)
+    plain = _call(impl, hidden, weight, target, class_weight=cw, reduction=reduction)
+    logits = hidden @ weight.T
+    want_lse = torch.logsumexp(logits, dim=1)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=0)
+    keep = target != -100
+    rows = 1e-2 * want_lse**2 * keep
+    want_z = rows if reduction == "none" else rows.sum() / cw[torch.where(keep, target, 0)][
+        keep].sum()
+    torch.testing.assert_close(z, want_z, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(out, plain + want_z, rtol=1e-10, atol=1e-14)  # loss includes it
+
+
+@pytest.mark.parametrize("impl", _impls())
+def test_shift_scores_the_next_target_without_the_last_row(impl):
+    hidden, weight, target, _ = _inputs(seed=2)
+    hidden.requires_grad_(True)
+    out = _call(impl, hidden, weight, target, shift=True, reduction="none")
+    assert out.shape == (hidden.shape[0] - 1,)
+    want = F.cross_entropy(hidden.detach()[:-1] @ weight.T, target[1:], reduction="none")
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-13)
+    mean = _call(impl, hidden, weight, target, shift=True)
+    (g,) = torch.autograd.grad(mean, hidden)
+    assert torch.all(g[-1] == 0) and torch.any(g[:-1] != 0)
+    torch.testing.assert_close(mean, want.sum() / (target[1:] != -100).sum(), rtol=1e-10,
+                               atol=0)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_bf16_weight_gradient_accumulates_in_float32_by_default(monkeypatch, impl):
+    """Many chunks (a 16-row budget): dW summed in bfloat16 drifts; the default float32
+    accumulation stays at bfloat16's own rounding of the result."""
+    if runnable(lossreg.get(LOSS).implementations[impl], "cpu", "bfloat16"):
+        pytest.skip("not runnable here")
+    monkeypatch.setattr(linear_ce, "CHUNK_BYTES", 4 * 53 * 16)
+    hidden, weight, target, _ = _inputs(n=400, seed=3)
+    h16, w16 = hidden.bfloat16(), weight.bfloat16().requires_grad_(True)
+    w64 = w16.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(
+        lossreg.get(LOSS).reference(h16.double(), w64, target, reduction="sum"), w64)
+
+    def err(accum):
+        w = w16.detach().clone().requires_grad_(True)
+        out = _call(impl, h16, w, target, reduction="sum", accum_dtype=accum)
+        (g,) = torch.autograd.grad(out, w)
+        assert g.dtype == torch.bfloat16
+        return float((g.double() - g64).norm() / g64.norm())
+
+    default, narrow = err(None), err("bfloat16")
+    assert default < 1e-2
+    assert default < narrow
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"class_weight": torch.ones(5, dtype=torch.float64)}, "class_weight must be None or"),
+    ({"accum_dtype": "int8"}, "accum_dtype must be None or one of"),
+    ({"shift": "yes"}, "shift must be True or False"),
+])
+def test_bad_options_are_named(kwargs, match):
+    hidden, weight, target, _ = _inputs()
+    for impl in _impls() + ["reference"]:
+        with pytest.raises(ValueError, match=match):
+            lossreg.get(LOSS).implementations[impl].fn(hidden, weight, target, **kwargs)
