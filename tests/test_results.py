@@ -138,7 +138,6 @@ def test_full_disk_raises_one_line_and_keeps_written_rows(tmp_path, monkeypatch)
 
 
 def test_unwritable_out_raises_results_write_error(tmp_path):
-    import os
 
     from lossreg.results import ResultsWriteError
 
