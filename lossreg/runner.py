@@ -166,7 +166,9 @@ def _case_rows(state: RunState, task: Task, job: dict) -> list[dict]:
         r.pop("_seconds", None)
     for t in timed:
         got += _throughput_rows(state, task, t)
-    return [{**state.context, **r} for r in got]
+    for r in got:  # in place: a TimedCase holds its rows for the later rounds
+        r.update(state.context)
+    return got
 
 
 def _throughput_rows(state: RunState, task: Task, t: dict) -> list[dict]:
