@@ -124,3 +124,41 @@ def test_bad_options_are_named(kwargs, match):
     for impl in _impls() + ["reference"]:
         with pytest.raises(ValueError, match=match):
             lossreg.get(LOSS).implementations[impl].fn(hidden, weight, target, **kwargs)
+
+
+# ------------------------------------------------------------------ causal_lm
+def _causal_impls():
+    spec = lossreg.get("causal_lm")
+    return [n for n, i in spec.implementations.items()
+            if n != "compile" and runnable(i, "cpu", "float64") is None]
+
+
+@pytest.mark.parametrize("impl", _causal_impls())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_causal_lm_options_match_torch(impl, reduction):
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 6, 41, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    ids = torch.randint(0, 41, (3, 6), generator=g)
+    ids[1, 4:] = -100
+    cw = torch.rand(41, generator=g, dtype=torch.float64) + 0.5
+    fn = lossreg.get("causal_lm").implementations[impl].fn
+    out, z, lse = fn(logits, ids, z_loss=1e-2, softcap=4.0, weight=cw, label_smoothing=0.1,
+                     reduction=reduction, return_z_loss=True, return_lse=True)
+    x = 4.0 * torch.tanh(logits[:, :-1].reshape(-1, 41) / 4.0)
+    y = ids[:, 1:].reshape(-1)
+    keep = y != -100
+    want_lse = torch.logsumexp(x, 1)
+    rows = 1e-2 * want_lse**2 * keep
+    ce = F.cross_entropy(x, y, weight=cw, label_smoothing=0.1, reduction=reduction)
+    if reduction == "none":
+        want, want_z = (torch.where(keep, ce, 0.0) + rows).view(3, 5), rows.view(3, 5)
+    else:
+        want_z = rows.sum() / cw[torch.where(keep, y, 0)][keep].sum()
+        want = ce + want_z
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(z, want_z, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(lse, want_lse.view(3, 5).detach(), rtol=1e-12, atol=0)
+    cot = torch.rand_like(want) + 0.5
+    (grad,) = torch.autograd.grad(out, logits, cot)
+    (grad_want,) = torch.autograd.grad(want, logits, cot)
+    torch.testing.assert_close(grad, grad_want, rtol=1e-10, atol=1e-13)

@@ -52,11 +52,16 @@ LINEAR_SHAPES = {"quick": {"hidden": 24, "vocab": 300},
 
 def _kept_count(key, shift=False):
     """``mean_count``: the tokens of ``inputs[key]`` not equal to ignore_index (-100 for
-    losses without the option); ``shift`` drops the first position (causal LM targets)."""
+    losses without the option), or their class ``weight``s' sum when the inputs have
+    one; ``shift`` drops the first position (causal LM targets)."""
 
     def count(inputs, options):
         y = inputs[key][:, 1:] if shift else inputs[key]
-        return float((y != options.get("ignore_index", -100)).sum())
+        keep = y != options.get("ignore_index", -100)
+        w = inputs.get("weight") if key == "input_ids" else None
+        if w is None:
+            return float(keep.sum())
+        return float((w[torch.where(keep, y, 0)] * keep).sum())
 
     return count
 
@@ -88,16 +93,24 @@ def _specs():
         formula=(r"\frac{1}{|K|}\sum_{(b,t)\in K} -\log\mathrm{softmax}(z_{b,t})_{x_{b,t+1}},"
                  r"\ K = \{(b,t): t < T-1,\ x_{b,t+1} \ne \mathrm{ignore}\}"),
         description="Next-token cross-entropy over (B, T, V) logits; the shift is done "
-                    "inside, padding tokens equal ignore_index. `none` gives (B, T-1).",
+                    "inside, padding tokens equal ignore_index. `none` gives (B, T-1). "
+                    "Options as cross_entropy (class `weight`, z-loss) plus `softcap` "
+                    "(c tanh(z / c)); `return_z_loss` / `return_lse` return (loss, z-loss, "
+                    "lse (B, T-1)) tuples, the loss including the z-loss.",
         citation="Radford et al. (2018); Bengio et al. (2003)",
         reference=lm.causal_reference, make_inputs=lm.make_causal_inputs,
-        options=dict(CE_OPTIONS), grad_inputs=("logits",), x_name="sequences",
+        options={**CE_OPTIONS, "z_loss": 0.0, "softcap": None, "return_z_loss": False,
+                 "return_lse": False},
+        grad_inputs=("logits",), x_name="sequences",
         sizes=lm_sizes, input_params=lm_shapes,
-        check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}],
+        check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                       {"z_loss": 1e-3, "softcap": 5.0, "reduction": "none"}],
         mean_count=_kept_count("input_ids", shift=True),
         flops=lambda i: _tokens_flops(i, "logits"),
         edge_cases={
             "two_tokens": _resize(lm.make_causal_inputs, 3, seq=2),
+            "class_weighted": _with(lm.make_causal_inputs, weight=lambda c, i: (
+                c.rand(i["logits"].shape[-1]) + 0.5)),
             "vocab_multi_block": _resize(lm.make_causal_inputs, 2, seq=5, vocab=8200),
             "all_padding_after_first": _with(
                 _resize(lm.make_causal_inputs, 2, seq=6),

@@ -19,6 +19,8 @@ from lossreg_plugins.neural_networks import (
     validate_targets,
 )
 
+from .linear_ce import _extras
+
 
 def _check_logits(loss, logits):
     if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() != 3:
@@ -27,7 +29,8 @@ def _check_logits(loss, logits):
 
 
 # ------------------------------------------------------------------ causal LM
-def validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction):
+def validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction, z_loss=0.0,
+                    softcap=None, weight=None):
     _check_logits("causal_lm", logits)
     b, t, v = logits.shape
     if t < 2:
@@ -38,27 +41,49 @@ def validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction)
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     validate_targets("causal_lm", input_ids.reshape(-1), b * t, v, logits.device, ignore_index,
                      name="input_ids", ref_name="logits")
-    validate_ce_options("causal_lm", label_smoothing, 0.0, reduction)
+    validate_ce_options("causal_lm", label_smoothing, z_loss, reduction)
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"causal_lm: softcap must be None or > 0, got {softcap}")
+    if weight is not None and (not torch.is_tensor(weight) or weight.shape != (v,)
+                               or not weight.is_floating_point()
+                               or weight.device != logits.device):
+        raise ValueError(f"causal_lm: weight (class weights) must be None or a floating-point "
+                         f"tensor of shape ({v},) on {logits.device}, got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
 
 
-def causal_reference(logits, input_ids, ignore_index=-100, label_smoothing=0.0,
-                     reduction="mean"):
-    """Shift, flatten, cross-entropy: position t predicts token t+1."""
-    validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction)
-    b, t, v = logits.shape
-    out = ce_reference(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1),
-                       ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       reduction=reduction)
-    return out.view(b, t - 1) if reduction == "none" else out
+def _cap(x, softcap):
+    return softcap * torch.tanh(x / softcap) if softcap else x
 
 
-def causal_torch(logits, input_ids, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction)
-    b, t, v = logits.shape
-    out = ce_torch(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1),
-                   ignore_index=ignore_index, label_smoothing=label_smoothing,
-                   reduction=reduction)
-    return out.view(b, t - 1) if reduction == "none" else out
+def _causal_eager(ce):
+    def fn(logits, input_ids, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+           z_loss=0.0, softcap=None, weight=None, return_z_loss=False, return_lse=False):
+        """Shift, flatten, cross-entropy: position t predicts token t+1."""
+        validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction, z_loss,
+                        softcap, weight)
+        b, t, v = logits.shape
+        x = _cap(logits[:, :-1].reshape(-1, v), softcap)
+        y = input_ids[:, 1:].reshape(-1)
+        out = ce(x, y, weight=weight, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
+        return _shape(_extras(out, x, y, weight, ignore_index, z_loss, reduction,
+                              return_z_loss, return_lse), b, t - 1, reduction)
+
+    return fn
+
+
+def _shape(result, b, t, reduction):
+    """(B, T) views of the per-position outputs: the loss and z-loss for ``none``, lse."""
+    if not isinstance(result, tuple):
+        return result.view(b, t) if reduction == "none" else result
+    out = [r.view(b, t) if (reduction == "none" or k == len(result) - 1 and r.dim() == 1)
+           else r for k, r in enumerate(result)]
+    return tuple(out)
+
+
+causal_reference = _causal_eager(ce_reference)
+causal_torch = _causal_eager(ce_torch)
 
 
 def shifted_targets(input_ids, ignore_index):
@@ -67,13 +92,27 @@ def shifted_targets(input_ids, ignore_index):
     return torch.cat([input_ids[:, 1:], pad], dim=1).reshape(-1)
 
 
-def causal_triton(logits, input_ids, ignore_index=-100, label_smoothing=0.0,
-                  reduction="mean"):
-    validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction)
+def causal_triton(logits, input_ids, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                  z_loss=0.0, softcap=None, weight=None, return_z_loss=False,
+                  return_lse=False):
+    """The cross_entropy kernel over all B*T rows of the unshifted logits, the targets
+    shifted instead (no copy of the logits); softcap is applied by torch before it (a
+    capped copy). The z-loss part and lse, when asked for, come from one more read."""
+    validate_causal(logits, input_ids, ignore_index, label_smoothing, reduction, z_loss,
+                    softcap, weight)
     b, t, v = logits.shape
-    out = _ce_kernel(logits.reshape(b * t, v), shifted_targets(input_ids, ignore_index),
-                     None, ignore_index, label_smoothing, 0.0, reduction)
-    return out.view(b, t)[:, :-1] if reduction == "none" else out
+    x = _cap(logits.reshape(b * t, v), softcap)
+    y = shifted_targets(input_ids, ignore_index)
+    out = _ce_kernel(x, y, weight, ignore_index, label_smoothing, z_loss, reduction)
+    if reduction == "none":
+        out = out.view(b, t)[:, :-1]
+    if not (return_z_loss or return_lse):
+        return out
+    x_kept = x.detach().view(b, t, v)[:, :-1].reshape(-1, v)
+    y_kept = input_ids[:, 1:].reshape(-1)
+    extras = _extras(out, x_kept, y_kept, weight, ignore_index, z_loss, reduction,
+                     return_z_loss, return_lse)
+    return _shape(extras, b, t - 1, reduction)
 
 
 def make_causal_inputs(case):
