@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import queue
 import sys
 import threading
 import traceback
@@ -96,24 +97,49 @@ def plugin_timeout() -> float:
                           f"got {raw!r}") from None
 
 
+class _Worker:
+    """One daemon thread that runs plugin code handed to it, one call at a time, so
+    loading pays for one thread, not one per import and hook. A call that overruns
+    its limit is abandoned together with its thread (daemon: it does not keep the
+    process alive), and the next call starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="lossreg-plugins", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+    def run(self, fn: Callable[[], Any], timeout: float) -> tuple[bool, dict]:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self.jobs.put((fn, box, done))
+        return done.wait(timeout), box
+
+
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()
+
+
 def run_limited(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``fn()`` in a daemon thread joined with `timeout`: its result, its exception, or
-    PluginTimeout when it is still running then (the thread is abandoned; being a
-    daemon it does not keep the process alive)."""
+    """``fn()`` on the plugin thread, waited for `timeout` seconds: its result, its
+    exception, or PluginTimeout when it is still running then (0 or less: no limit,
+    run here)."""
+    global _WORKER
     if timeout <= 0:
         return fn()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"lossreg-plugin {what}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    with _WORKER_LOCK:
+        worker = _WORKER = _WORKER or _Worker()
+        finished, box = worker.run(fn, timeout)
+        if not finished:
+            _WORKER = None  # stuck in `fn`: abandoned
+    if not finished:
         raise PluginTimeout(f"{what} did not finish within {timeout:g} s ({TIMEOUT_ENV})")
     if "error" in box:
         raise box["error"]
@@ -157,17 +183,27 @@ class Registry:
         only = None if wanted is None else {w.strip() for w in wanted.split(",") if w.strip()}
         timeout = plugin_timeout()
 
+        dists: dict[int, tuple[str, str]] = {}  # each METADATA parsed once, not per access
+
+        def dist_of(ep) -> tuple[str, str]:
+            if ep.dist is None:
+                return "", ""
+            if id(ep.dist) not in dists:
+                meta = ep.dist.metadata
+                dists[id(ep.dist)] = (meta["Name"] or "", meta["Version"] or "")
+            return dists[id(ep.dist)]
+
         def order(ep):
-            dist = ep.dist.name if ep.dist is not None else ""
+            dist = dist_of(ep)[0]
             return (dist != BUILTIN_DIST, dist, ep.name)
 
+        eps = list(entry_points(group=GROUP))
         modules = []
-        for ep in sorted(entry_points(group=GROUP), key=order):
+        for ep in sorted(eps, key=order):
             if only is not None and ep.name not in only:
                 continue
             info = PluginInfo(ep.name, ep.value)
-            if ep.dist is not None:
-                info.dist, info.version = ep.dist.name, ep.dist.version
+            info.dist, info.version = dist_of(ep)
             info.builtin = info.dist == BUILTIN_DIST
             taken = self.plugins.get(ep.name)
             if taken is not None:
