@@ -178,25 +178,33 @@ def test_current_reads_torchrun_environment():
 
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+DRIVER = """
+import sys
+import lossreg.api as api
+from lossreg import sharding
+sharding.run_sharded(api.bench, out=sys.argv[1], names=["mse", "bce", "huber", "hinge"],
+                     device="cpu", sizes="quick", rounds=1)
+"""
 
 
 @pytest.mark.skipif(os.environ.get("LOSSREG_DEEP_TESTS") != "1" or TORCHRUN is None,
                     reason="the torchrun bench takes minutes here: LOSSREG_DEEP_TESTS=1")
 def test_torchrun_bench_writes_one_run(tmp_path):
+    """What `torchrun --nproc-per-node 2 --no-python lossreg bench ...` runs per rank."""
     import lossreg
 
     out = tmp_path / "res"
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--no-python",
-           os.path.join(os.path.dirname(sys.executable), "lossreg"), "bench", "mse", "bce",
-           "huber", "hinge", "--device", "cpu", "--sizes", "quick", "--rounds", "1",
-           "--out", str(out)]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(driver), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list(out.glob("run-*.parquet"))
-    assert len(runs) == 1
+    assert len(list(out.glob("run-*.parquet"))) == 1
+    assert not list(out.glob("_rank-*"))  # the ranks' folders went into the run
     df = lossreg.load_results(out)
     assert set(df["rank"]) == {0, 1} and set(df["world_size"]) == {2}
     key = ["loss", "impl", "dtype", "n", "check", "mode", "params"]
     assert not df.duplicated(key).any()
-    per_case = df.groupby(["loss", "impl", "dtype", "n"])["rank"].nunique()
-    assert (per_case == 1).all()  # each case measured by one rank
+    timed = df[df["check"] == "throughput"]
+    assert (timed.groupby(["loss", "impl", "dtype", "n"])["rank"].nunique() == 1).all()
+    assert set(timed["loss"]) == {"mse", "bce", "huber", "hinge"}

@@ -42,7 +42,8 @@ def validate(loss, logits, target, ignore_index, label_smoothing, z_loss, reduct
         raise ValueError(f"{loss}: target must be int64 of shape ({logits.shape[0]},), got "
                          f"{tuple(target.shape)} {target.dtype}")
     if target.device != logits.device:
-        raise ValueError(f"{loss}: target is on {target.device}, {rows_name} on {logits.device}")
+        raise ValueError(f"{loss}: target and {rows_name} must be on one device, got target "
+                         f"on {target.device}, {rows_name} on {logits.device}")
     bad = (target < 0) & (target != ignore_index)
     if bool(bad.any()):
         raise ValueError(f"{loss}: target must hold vocabulary ids >= 0 or ignore_index "
