@@ -1,0 +1,75 @@
+"""Low-precision verdicts: what a bfloat16 or float16 row is judged on besides its
+norm tolerance.
+
+A 16-bit implementation's error against the float64 reference is rounding noise: each
+rounding moves a value by at most one unit roundoff ``u`` (bfloat16 2^-8, float16
+2^-11), in either direction. Where the loss is ill-conditioned in 16 bits (a distance
+of ~5 rounded to bfloat16, then a hinge on a difference of two such distances near 0)
+that noise reaches several percent and the spec declares a wider tolerance with the
+reason in its description. A wider tolerance must not let a wrong implementation
+through: an output or gradient that is off by a common factor (a missing or doubled
+scale, a 1/n taken as 1/(n-1)) is not noise, whatever the loss's conditioning. So every
+verdict judged at a widened 16-bit tolerance also fits ``out = (1 + beta) ref`` by least
+squares and fails when ``|beta|`` exceeds what rounding explains: one unit roundoff (a
+rounded shared scalar, such as 1/n, scales every element alike) plus four standard
+errors of the fit (heteroscedastic: rounding noise grows with the value). This holds
+even where the absolute floor ``atol`` would pass the result: a mean-reduced gradient's
+elements are far below bfloat16's floor of 4e-3.
+
+`systematic_error` is called by `lossreg.verify.compare_tensors` for every verdict;
+it says nothing at a dtype's default tolerance, for float32/float64, or for fewer
+than `MIN_ELEMENTS` values carrying the norm (a scalar's error cannot be split into a
+factor and noise: its gradient's verdict catches the factor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tolerances import default_tolerance
+
+#: unit roundoff (half the machine epsilon) of the dtypes judged here
+UNIT_ROUNDOFF: dict[torch.dtype, float] = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+#: roundings of shared scalars a correct implementation may compound (a rounded 1/n,
+#: a rounded scale or temperature): their common factor is within this many u (one
+#: rounding of the shared scale, at most u/2, plus as much again for the rest)
+SHARED_ROUNDINGS = 1
+#: standard errors of the fitted factor allowed for noise
+SIGMAS = 4.0
+MIN_ELEMENTS = 16
+
+
+def scale_error(out64: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float, float]:
+    """(beta, its standard error, effective count) of the least-squares fit
+    ``out - ref = beta * ref``. The standard error is the heteroscedastic one, taken from
+    the whole difference (not the residual after the fit), so that one element holding
+    most of the norm cannot make its own rounding look like a common factor; the
+    effective count ``(sum r^2)^2 / sum r^4`` says how many elements carry the fit."""
+    r2 = ref64 * ref64
+    rr = float(r2.sum())
+    if rr == 0.0:
+        return 0.0, math.inf, 0.0
+    diff = out64 - ref64
+    beta = float((diff * ref64).sum()) / rr
+    return beta, math.sqrt(float((diff * diff * r2).sum())) / rr, rr * rr / float((r2 * r2).sum())
+
+
+def systematic_error(dtype: torch.dtype, out64: torch.Tensor, ref64: torch.Tensor,
+                     rtol: float, what: str = "output") -> str:
+    """A failure message when a 16-bit result judged at a widened ``rtol`` (one above
+    the dtype's default) is off by a common factor beyond what rounding explains; ""
+    otherwise, and always at the default tolerance or for float32/float64. ``out64`` and
+    ``ref64`` are the finite values, already in float64."""
+    u = UNIT_ROUNDOFF.get(dtype)
+    if u is None or rtol <= default_tolerance(dtype)[0] or out64.numel() < MIN_ELEMENTS:
+        return ""
+    beta, se, count = scale_error(out64, ref64)
+    if count < MIN_ELEMENTS:
+        return ""
+    allowed = SHARED_ROUNDINGS * u + SIGMAS * se
+    if abs(beta) <= allowed:
+        return ""
+    return (f"{what}: off by a common factor {1 + beta:.4g} (|beta| {abs(beta):.3g} > "
+            f"{allowed:.3g}, what {str(dtype).removeprefix('torch.')} rounding explains)")
