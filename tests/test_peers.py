@@ -33,7 +33,6 @@ PEER_IMPLS = {
     ("cross_entropy", "liger"): "liger_kernel",
     ("fused_linear_cross_entropy", "liger"): "liger_kernel",
     ("fused_linear_cross_entropy", "cce"): "cut_cross_entropy",
-    ("fused_linear_cross_entropy", "cce_compile"): "cut_cross_entropy",
     ("kl_distillation", "liger"): "liger_kernel",
     ("kl_distillation", "liger_kl_div"): "liger_kernel",
     ("fused_linear_distillation", "liger"): "liger_kernel",
@@ -610,8 +609,29 @@ def _registered():
 
 
 def test_every_peer_impl_is_checked_somewhere():
-    assert set(REAL_REFUSALS) | GPU_ONLY >= set(PEER_IMPLS) - {
-        ("fused_linear_cross_entropy", "cce_compile")}
+    assert set(REAL_REFUSALS) | GPU_ONLY >= set(PEER_IMPLS)
+
+
+def test_cce_cpu_path_is_opt_in(monkeypatch):
+    """CCE's torch.compile path runs on a CPU but compiles for minutes: registered only
+    with LOSSREG_CCE_CPU=1, and then checked at quick sizes under LOSSREG_DEEP_TESTS=1."""
+    names = {(loss, impl.name) for loss, impl in peers._impls()}
+    assert ("fused_linear_cross_entropy", "cce_compile") not in names
+    monkeypatch.setenv("LOSSREG_CCE_CPU", "1")
+    impls = {(loss, impl.name): impl for loss, impl in peers._impls()}
+    impl = impls[("fused_linear_cross_entropy", "cce_compile")]
+    assert "cpu" in impl.devices and impl.requires == ("cut_cross_entropy",)
+    if not DEEP:
+        return
+    pytest.importorskip("cut_cross_entropy")
+    spec = lossreg.get("fused_linear_cross_entropy")
+    spec.implementations["cce_compile"] = impl
+    try:
+        refused = _check_in_process("fused_linear_cross_entropy", "cce_compile",
+                                    edge_cases=False)
+    finally:
+        del spec.implementations["cce_compile"]
+    assert all("cce_compile cannot express" in m for m in refused)
 
 
 @pytest.mark.parametrize("loss, impl", sorted(REAL_REFUSALS))
