@@ -257,3 +257,30 @@ def test_wrong_implementation_fails_check(cubic_dist):
     assert set(wrong.status) == {"fail"}
     assert (wrong.rel_err > 5e-4).all()
     assert set(df[df.impl == "fast"].status) == {"ok"}
+
+
+def test_import_is_light_and_plugins_pull_no_dataframe_or_plotting_stack():
+    """`import lossreg` loads neither torch nor pandas (lazy attributes), and loading
+    every plugin loads no pandas, matplotlib or scipy (start-up of `lossreg list`)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+HEAVY = ("torch", "pandas", "pyarrow", "matplotlib", "scipy", "triton")
+def loaded():
+    return sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
+import lossreg
+print(",".join(loaded()))
+assert lossreg.LossSpec and lossreg.hookimpl
+print(",".join(loaded()))
+lossreg.losses()
+print(",".join(loaded()))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bare, with_spec, with_plugins = proc.stdout.splitlines()[-3:]
+    assert bare == ""
+    assert with_spec == "torch"  # LossSpec needs torch, nothing else
+    assert not {"pandas", "pyarrow", "matplotlib", "scipy"} & set(with_plugins.split(","))
