@@ -189,7 +189,8 @@ def run_chunks(head, hidden, weight, target, ref_hidden, ref_weight, aux, opts, 
     ref_w = None if ref_weight is None else ref_weight.detach().to(acc)
     hv = hidden.detach().view(g, units, seq, hidden.shape[2])
     tv = target.view(g, units, seq)
-    rv = None if ref_hidden is None else ref_hidden.detach().view(g, units, seq, -1)
+    rv = (None if ref_hidden is None
+          else ref_hidden.detach().view(g, units, seq, ref_hidden.shape[2]))
     losses = torch.empty(units, dtype=acc, device=hidden.device)
     dh = torch.zeros_like(hidden) if want_grads else None
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads else None
@@ -229,7 +230,7 @@ def run_chunks(head, hidden, weight, target, ref_hidden, ref_weight, aux, opts, 
         # dlogits = dlp (onehot(y) - softmax), built in e's buffer
         p = e.div_(s[:, None]).mul_(-d_sel[:, None])
         p.scatter_add_(1, y_sel[:, None], d_sel[:, None])
-        dh_view = dh.view(g, units, seq, -1)
+        dh_view = dh.view(g, units, seq, hidden.shape[2])
         rows = (p @ w).to(hidden.dtype)
         flat = torch.zeros(y.shape[0], hidden.shape[2], dtype=hidden.dtype,
                            device=hidden.device)

@@ -71,7 +71,7 @@ def advantages(rewards, group_size, scale_rewards):
     """(r - group mean) / (group std + 1e-4), or r - group mean; detached."""
     r = rewards.detach().view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
-    if scale_rewards:
+    if scale_rewards and r.numel():
         adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
     return adv.reshape(-1)
 

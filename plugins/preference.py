@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels.traffic import streamed
 from lossreg.kernels import preference as kernels
 from lossreg.validate import (
     check_float,
@@ -129,9 +130,9 @@ def cpo_torch(policy_chosen_logps, policy_rejected_logps, beta=0.1, alpha=1.0,
     _validate_cpo(policy_chosen_logps, policy_rejected_logps, beta, alpha, reduction)
     dtype = policy_chosen_logps.dtype
     pc, pr = (t.to(_wide(t)) for t in (policy_chosen_logps, policy_rejected_logps))
-    u = beta * (pc - pr)
-    pref = F.binary_cross_entropy_with_logits(u, torch.ones_like(u), reduction="none")
-    return reduce_loss(pref - alpha * pc, reduction).to(dtype)
+    # logsigmoid, not BCE-with-logits: the latter is NaN at an infinite log-prob, where
+    # the formula is 0 or inf
+    return reduce_loss(-F.logsigmoid(beta * (pc - pr)) - alpha * pc, reduction).to(dtype)
 
 
 def cpo_triton(policy_chosen_logps, policy_rejected_logps, beta=0.1, alpha=1.0,
@@ -169,9 +170,7 @@ def simpo_torch(policy_chosen_logps, policy_rejected_logps, beta=2.0, gamma=0.5,
     _validate_simpo(policy_chosen_logps, policy_rejected_logps, beta, gamma, reduction)
     dtype = policy_chosen_logps.dtype
     pc, pr = (t.to(_wide(t)) for t in (policy_chosen_logps, policy_rejected_logps))
-    u = beta * (pc - pr) - gamma
-    return F.binary_cross_entropy_with_logits(u, torch.ones_like(u),
-                                              reduction=reduction).to(dtype)
+    return reduce_loss(-F.logsigmoid(beta * (pc - pr) - gamma), reduction).to(dtype)
 
 
 def simpo_triton(policy_chosen_logps, policy_rejected_logps, beta=2.0, gamma=0.5,
@@ -254,11 +253,13 @@ def register_implementations(register):
                  "requires": ("triton",)}
     for name, torch_fn, triton_fn, what in (
             ("orpo", orpo_torch, orpo_triton, "-expm1 and logsigmoid"),
-            ("cpo", cpo_torch, cpo_triton, "BCE-with-logits"),
-            ("simpo", simpo_torch, simpo_triton, "BCE-with-logits"),
+            ("cpo", cpo_torch, cpo_triton, "logsigmoid"),
+            ("simpo", simpo_torch, simpo_triton, "logsigmoid"),
             ("kto", kto_torch, kto_triton, "sigmoid of the signed margin")):
         register(name, Impl("torch", torch_fn, kind="baseline", backend="torch",
                             description=f"torch built-ins ({what}), float32 for 16-bit"))
         register(name, Impl("triton", triton_fn, **triton_kw,
+                            bytes_model=streamed("policy_chosen_logps",
+                                                 "policy_rejected_logps", "policy_logps"),
                             description="pointwise template, one launch, gradient in the "
                                         "forward"))
