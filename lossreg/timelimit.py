@@ -3,6 +3,7 @@ return within ``LOSSREG_PLUGIN_TIMEOUT`` seconds is abandoned, and loading goes 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -43,6 +44,17 @@ class _Worker:
 
 _WORKER: _Worker | None = None
 _WORKER_LOCK = threading.Lock()
+
+
+def _forget_worker() -> None:
+    """A forked child has no plugin thread (only the forking thread survives a fork):
+    it starts its own on demand."""
+    global _WORKER, _WORKER_LOCK
+    _WORKER, _WORKER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
 
 
 def run_limited(fn: Callable[[], Any], timeout: float, what: str) -> Any:

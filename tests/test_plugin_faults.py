@@ -158,3 +158,32 @@ def test_lossreg_list_answers_with_the_faults_installed(builtin, faults):
     assert any(line.startswith("hang_at_import") for line in failed), plugins.stdout
     rejected = [line.split() for line in plugins.stdout.splitlines() if " rejected " in line]
     assert ["gbm", "rejected", "fault-gbm", "1.0", "clash_gbm"] in rejected, plugins.stdout
+
+
+def test_time_limited_calls_share_a_thread_and_survive_a_timeout_and_a_fork():
+    import threading
+    import time
+
+    from lossreg.timelimit import PluginTimeout, run_limited
+
+    first = run_limited(threading.get_ident, 30, "first")
+    assert run_limited(threading.get_ident, 30, "second") == first != threading.get_ident()
+    with pytest.raises(PluginTimeout, match="slow did not finish within 0.2 s"):
+        run_limited(lambda: time.sleep(5), 0.2, "slow")
+    fresh = run_limited(threading.get_ident, 30, "after")
+    assert fresh != first  # the stuck thread was abandoned, a new one serves
+    with pytest.raises(ZeroDivisionError):
+        run_limited(lambda: 1 / 0, 30, "raises")
+    assert run_limited(lambda: 7, 0, "inline") == 7
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its parent's plugin thread did not survive the fork
+        ok = False
+        try:
+            ok = run_limited(lambda: 42, 5, "in child") == 42
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
