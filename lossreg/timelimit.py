@@ -27,6 +27,7 @@ class _Worker:
         threading.Thread(target=self._serve, name="lossreg-plugins", daemon=True).start()
 
     def _serve(self) -> None:
+        _INSIDE.active = True
         while True:
             fn, box, done = self.jobs.get()
             try:
@@ -42,6 +43,9 @@ class _Worker:
         return done.wait(timeout), box
 
 
+#: ``active`` on the plugin thread: plugin code that loads plugins in turn (a hook
+#: calling ``lossreg.get``) runs that inline instead of waiting on its own thread
+_INSIDE = threading.local()
 _WORKER: _Worker | None = None
 _WORKER_LOCK = threading.Lock()
 
@@ -62,7 +66,7 @@ def run_limited(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     exception, or PluginTimeout when it is still running then (0 or less: no limit,
     run here)."""
     global _WORKER
-    if timeout <= 0:
+    if timeout <= 0 or getattr(_INSIDE, "active", False):
         return fn()
     with _WORKER_LOCK:
         worker = _WORKER = _WORKER or _Worker()

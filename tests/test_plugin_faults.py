@@ -187,3 +187,9 @@ def test_time_limited_calls_share_a_thread_and_survive_a_timeout_and_a_fork():
     os.close(write)
     assert os.read(read, 1) == b"1"
     os.waitpid(pid, 0)
+
+
+def test_plugin_code_that_loads_plugins_does_not_wait_on_itself():
+    from lossreg.timelimit import run_limited
+
+    assert run_limited(lambda: run_limited(lambda: 5, 30, "inner"), 2, "outer") == 5
