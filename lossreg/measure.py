@@ -172,10 +172,8 @@ def steady_cpu_allocator() -> bool:
     True if it was set (glibc only).
 
     Why: glibc moves the line between blocks served from its heap and blocks given a
-    fresh mmap (every page faulted in and zeroed on first touch) from the sizes the
-    process freed before, so the same case was timed with or without page faults in
-    different runs (nll's backward at n = 1M: 17.0, 6.5 and 17.6 ms in three runs;
-    6.9, 6.6 and 6.2 ms with the threshold fixed). See also `heap_only`."""
+    fresh mmap from the sizes the process freed before, so the same case would be
+    timed with or without page faults in different runs (docs/measurement.md)."""
     libc = _glibc()
     if libc is None:
         return False
@@ -189,10 +187,9 @@ def heap_only():
     afterwards mmaps are allowed again and the freed heap pages go back to the system.
 
     Why: blocks over 32 MiB always get a fresh mmap, and faulting their pages in costs
-    a different amount in each process on a VM (cross_entropy's torch backward at
-    512 x 32000: 56, 66 and 126 ms in three processes; 14-22 ms from the heap). Only
-    around the timed calls, which allocate the same sizes again and again: a whole run
-    served from the heap kept every freed block and was killed for memory at 24 GB."""
+    a different amount in each process on a VM. Only around the timed calls, which
+    allocate the same sizes again and again: a whole run served from the heap keeps
+    every freed block (docs/measurement.md)."""
     libc = _glibc()
     if libc is None:
         yield
@@ -227,9 +224,8 @@ def _signals_held(*signums: int):
     """Hold these signals until the block ends, then deliver them to their handlers.
 
     Why: torch's profiler does not survive an exception raised inside it by a signal
-    handler (Ctrl-C's KeyboardInterrupt, the case timeout's SIGALRM): one Ctrl-C in
-    twenty-odd killed `bench` with a segfault (``record_function.cpp: Requested callback
-    is not found``) or hung it. The block is one call of a loss, so the wait is short."""
+    handler (Ctrl-C's KeyboardInterrupt, SIGALRM): it segfaults or hangs
+    (docs/measurement.md). The block is one call of a loss, so the wait is short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
