@@ -11,6 +11,7 @@ Public API::
         .round_seconds(task, rounds) -> float   one later round of it
         .call_ms(task, mode) -> float           one call of the implementation
         .source(task, check) -> "history" | "estimate"
+        .plan_seconds(tasks, rounds, checks) -> {checks, timing, fixed}
     cost_model(device_type) -> CostModel      cached, with the default history
     RUN_START_S, ROUND_START_S                 fixed costs of a run and of a round
 
@@ -271,6 +272,32 @@ class CostModel:
             f0, l0 = self._policy_seconds(task, hist_rounds)
             return seconds * estimate / (f0 + (hist_rounds - 1) * l0)
         return estimate
+
+    def plan_seconds(self, tasks, rounds: int, checks: tuple) -> dict[str, float]:
+        """{checks, timing, fixed} seconds of a plan's tasks (those whose ``checks`` is
+        ``checks`` are check cases, the others timed); sets each task's ``seconds`` and
+        ``source``. Edge cases on a loss/impl/dtype's first check case, the gradcheck on
+        a loss's first reference case, a fresh worker for each later round."""
+        seen, gradchecked = set(), set()
+        out = {"checks": 0.0, "timing": 0.0, "fixed": RUN_START_S[self.dev]}
+        timed = False
+        for t in tasks:
+            if t.checks == checks:
+                group = (t.spec.name, t.impl.name, t.dtype)
+                grad = t.impl.kind == "reference" and t.spec.name not in gradchecked
+                t.seconds = self.check_seconds(t, first=group not in seen, gradcheck=grad)
+                seen.add(group)
+                if grad:
+                    gradchecked.add(t.spec.name)
+                out["checks"] += t.seconds
+                t.source = self.source(t, "correctness")
+            else:
+                t.seconds = self.timing_seconds(t, rounds)
+                out["timing"] += t.seconds
+                timed = True
+                t.source = self.source(t, "throughput")
+        out["fixed"] += (rounds - 1) * ROUND_START_S[self.dev] * timed
+        return out
 
     def round_seconds(self, task, rounds: int) -> float:
         """One later timing round of a case."""

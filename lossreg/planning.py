@@ -11,9 +11,8 @@ Public API::
     make_plan(registry, names, device, dtypes, impls, sizes, command="bench") -> Plan
     plan_budget(registry, names, device, dtypes, impls, budget_s, rounds=None,
                 history=None, *, timing_sizes="representative", command="bench") -> Plan
-    parse_budget("90s" | "10m" | "1h" | "600") -> seconds
+    parse_budget("90s" | "10m" | "1h" | "600") -> seconds;  representative_size(spec) -> n
     case_timeout(task, device, rounds=1) -> seconds
-    representative_size(spec) -> n
     default_dtypes(device, command="bench"), runnable(impl, dev_type, dtype), HarnessError
     DEFAULT_BUDGET = "10m", MAX_ROUNDS = 5
 
@@ -100,8 +99,7 @@ class Plan:
         budget = f" of a {fmt(self.budget_s)} budget" if self.budget_s else ""
         lines.append(f"  expected ~{fmt(self.estimated_seconds)}{budget} ({known} of "
                      f"{len(self.tasks)} cases from earlier runs' times, the rest estimated)")
-        if self.skipped:
-            lines.append(f"  skipped: {len(self.skipped)} (each row says why)")
+        lines += [f"  skipped: {len(self.skipped)} (each row says why)"] * bool(self.skipped)
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -126,21 +124,17 @@ class Plan:
     def compare(self, real_seconds: float) -> str:
         from .progress import format_duration as fmt
 
-        if not self.estimated_seconds:
-            return f"took {fmt(real_seconds)}"
-        ratio = real_seconds / self.estimated_seconds
-        return (f"took {fmt(real_seconds)}; the plan expected {fmt(self.estimated_seconds)} "
-                f"({ratio:.2f}x the estimate)")
+        est = self.estimated_seconds
+        return f"took {fmt(real_seconds)}" + (f"; the plan expected {fmt(est)} "
+                                               f"({real_seconds / est:.2f}x)" if est else "")
 
 
 def default_dtypes(device: str, command: str = "bench") -> list[str]:
-    """The dtypes a run covers when none are given.
-
-    bench: float32 on a CPU; float32 and bfloat16 on CUDA. check: float32, float64,
-    bfloat16 and float16 on a CPU (torch runs every op these losses use in float16 on
-    a CPU, and at the quick sizes a dtype costs the same few tenths of a second of
-    Python per case, so it is in); float32, bfloat16 and float16 on CUDA (float64 on
-    request: a GPU's float64 is slow and the CPU run covers it)."""
+    """The dtypes a run covers when none are given. bench: float32 on a CPU; float32
+    and bfloat16 on CUDA. check: float32, float64, bfloat16 and float16 on a CPU (torch
+    runs these losses' ops in float16 on a CPU, and at the quick sizes a dtype costs
+    the same tenths of a second of Python per case); float32, bfloat16 and float16 on
+    CUDA (float64 on request: slow on a GPU, and the CPU run covers it)."""
     if command not in ("bench", "check"):
         raise HarnessError(f"unknown command {command!r}: expected bench or check")
     cuda = measure.device_type(device) == "cuda"
@@ -241,13 +235,22 @@ def representative_size(spec: LossSpec) -> int:
     return sizes[len(sizes) // 2]
 
 
+#: the least limit of a case; more under Triton's interpreter, whose cost flops predict
+#: badly (eps_separation's kernel at 300 points: 55 s of CPU). A shared 2-core machine
+#: ran checks up to 5x slower in wall time than their CPU time.
+TIMEOUT_FLOOR_S = {"cpu": 180.0, "cuda": 60.0}
+INTERPRETER_TIMEOUT_FLOOR_S = 600.0
+TIMEOUT_FACTOR = 20.0
+
+
 def case_timeout(task: Task, device: str, rounds: int = 1) -> float:
-    """Seconds one case may run before the harness stops it: max(60 s, 20 x the cost
-    model's estimate of the case (its checks, where it has any, and its first timing
-    round, where it is timed or may be). Generous on purpose: it catches hangs, not
-    slow machines -- a shared CPU can run 4x slower than the one the model was fitted
-    on and still stay 5x inside the limit."""
-    model = costmodel.cost_model(measure.device_type(device))
+    """Seconds one case may run before the harness stops it: the larger of a floor
+    (`TIMEOUT_FLOOR_S`: 180 s on a CPU, 60 s on CUDA; 600 s for Triton under the
+    interpreter) and 20 x the cost model's estimate of the case -- its checks where it
+    has any, its first timing round where it is or may be timed. Generous on purpose:
+    it catches hangs, not slow machines."""
+    dev = measure.device_type(device)
+    model = costmodel.cost_model(dev)
     checks = task.checks
     est = 0.0
     if checks is None or "correctness" in checks or "gradient" in checks:
@@ -255,7 +258,9 @@ def case_timeout(task: Task, device: str, rounds: int = 1) -> float:
     if checks is None or "throughput" in checks:
         est += model.timing_seconds(task, 1) if rounds <= 1 else \
             model._policy_seconds(task, rounds)[0]
-    return max(60.0, 20.0 * est)
+    floor = INTERPRETER_TIMEOUT_FLOOR_S if task.impl.uses_triton and dev == "cpu" \
+        else TIMEOUT_FLOOR_S.get(dev, 60.0)
+    return max(floor, TIMEOUT_FACTOR * est)
 
 
 def plan_budget(
@@ -351,29 +356,9 @@ def plan_budget(
         return plan
 
     def estimate(plan: Plan, r: int) -> None:
-        seen, gradchecked = set(), set()
-        checks = timing = 0.0
-        timed = False
-        for t in plan.tasks:
-            if t.checks == CHECKS:
-                group = (t.spec.name, t.impl.name, t.dtype)
-                grad = t.impl.kind == "reference" and t.spec.name not in gradchecked
-                t.seconds = model.check_seconds(t, first=group not in seen, gradcheck=grad)
-                seen.add(group)
-                if grad:
-                    gradchecked.add(t.spec.name)
-                checks += t.seconds
-                t.source = model.source(t, "correctness")
-            else:
-                t.seconds = model.timing_seconds(t, r)
-                timing += t.seconds
-                timed = True
-                t.source = model.source(t, "throughput")
-        fixed = costmodel.RUN_START_S[dev_type] + \
-            (r - 1) * costmodel.ROUND_START_S[dev_type] * timed
         plan.rounds = r
-        plan.breakdown = {"checks": checks, "timing": timing, "fixed": fixed}
-        plan.estimated_seconds = checks + timing + fixed
+        plan.breakdown = model.plan_seconds(plan.tasks, r, CHECKS)
+        plan.estimated_seconds = sum(plan.breakdown.values())
 
     timed_at = timing_sizes
     share = 0.0
