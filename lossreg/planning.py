@@ -32,15 +32,14 @@ from . import costmodel, measure
 from .registry import Registry
 from .spec import DTYPES, Impl, LossSpec
 
-DEFAULT_BUDGET = "10m"
+DEFAULT_BUDGET = "10m"  # a bench with no explicit sizes
 MAX_ROUNDS = 5  # the most timing rounds a budget plan gives (bench's default count)
 #: a loss's one-round timings may use this part of its equal share of what the checks
 #: leave of the budget (the rest is for later rounds and the estimate's error)
 TIMING_SHARE = 0.8
 #: checks at both quick sizes only when they leave this part of the budget for timing
 MIN_TIMING_PART = 0.6
-CHECKS = ("correctness", "gradient")
-TIMING = ("throughput",)
+CHECKS, TIMING = ("correctness", "gradient"), ("throughput",)  # Task.checks of a budget plan
 INTERPRETER_TIMING_SKIP = ("Triton on CPU runs under the interpreter: checked at the quick "
                            "sizes, never timed")
 
@@ -211,7 +210,6 @@ def runnable(impl: Impl, dev_type: str, dtype: str) -> str | None:
     return impl.supports(dev_type, dtype)
 
 
-# ---------------------------------------------------------------- budgets
 def parse_budget(text: str | float | int) -> float:
     """Seconds from ``90s``, ``10m``, ``1.5h`` or plain seconds (``600``)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
