@@ -228,7 +228,6 @@ def consolidate(out: Path, run_id: str, tasks: Sequence, world: int, status: dic
     never wrote. The rank folders go once the run file is in place."""
     import pandas as pd
 
-    from .planning import Task  # noqa: F401 - tasks are planning.Task
     from .results import load_results, to_table, write_atomic
     from .rows import base_row, run_context
 

@@ -11,7 +11,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lossreg import Impl, LossSpec
 from lossreg.collectives import Sharding, rank_and_size
