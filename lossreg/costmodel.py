@@ -32,8 +32,8 @@ History, in order of preference, for a (device type, loss, impl, dtype, n):
    ====== ======= ======== ========== ====================================================
    cpu    forward 0.015    2.4        90               results/cpu (083babd, 211 rows of
    cpu    full    0.07     2.0        110              eager torch at `default` sizes)
-   cuda   forward 0.2      1650       4500             results/gpu (H200, 236 rows)
-   cuda   full    0.3      1650       2000
+   cuda   forward 0.2      1650       50000            results/gpu (H200, 236 rows;
+   cuda   full    0.3      1650       25000            flops: fp32 matmul, not fitted)
    ====== ======= ======== ========== ====================================================
 
    backward is full minus forward (at least c0). A timed case then costs, per mode,
@@ -62,16 +62,16 @@ REPO = Path(__file__).resolve().parent.parent
 #: (c0 ms, GB/s, GFLOP/s) per device type and mode (see the module docstring)
 CALL_MODEL = {
     "cpu": {"forward": (0.015, 2.4, 90.0), "full": (0.07, 2.0, 110.0)},
-    "cuda": {"forward": (0.2, 1650.0, 4500.0), "full": (0.3, 1650.0, 2000.0)},
+    "cuda": {"forward": (0.2, 1650.0, 50000.0), "full": (0.3, 1650.0, 25000.0)},
 }
 GEN_GBPS = {"cpu": 0.4, "cuda": 200.0}  # making random inputs
 CASE_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.2}  # worker round trip, rows, peak-memory probe
-CHECK_BASE_S = {"cpu": 0.35, "cuda": 0.3}
-CHECK_FIRST_S = {"cpu": 0.3, "cuda": 0.3}  # the edge cases, on a group's first size
-GRADCHECK_S = {"cpu": 1.0, "cuda": 1.0}
-CHECK_GFLOPS = {"cpu": 0.05, "cuda": 5.0}  # flops of a check's float64 passes
+CHECK_BASE_S = {"cpu": 0.35, "cuda": 0.15}
+CHECK_FIRST_S = {"cpu": 0.3, "cuda": 0.1}  # the edge cases, on a group's first size
+GRADCHECK_S = {"cpu": 1.0, "cuda": 0.5}
+CHECK_GFLOPS = {"cpu": 0.05, "cuda": 1000.0}  # flops of a check's float64 passes
 INTERP_GFLOPS = 0.01  # the Triton interpreter on a CPU
-TRITON_COMPILE_S = 2.0  # a Triton kernel's first JIT compile on a GPU (fwd + bwd)
+TRITON_COMPILE_S = 1.0  # a Triton kernel's first JIT compile on a GPU (fwd + bwd)
 #: fixed costs: starting the worker and measuring copy bandwidth; one fresh round worker
 RUN_START_S = {"cpu": 8.0, "cuda": 15.0}
 ROUND_START_S = {"cpu": 6.0, "cuda": 10.0}

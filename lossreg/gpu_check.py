@@ -5,13 +5,51 @@ Runs correctness, gradient and throughput of every registered loss on CUDA at th
 shape and dtype would not fit the machine's few minutes), writes the Parquet and plots
 under ``--out`` and prints, per Triton implementation, how it compares with the torch
 built-in and the device's copy bandwidth at its largest size.
+
+``python -m lossreg.gpu_check --plan [--json]`` prints the plan of that run on any
+machine, GPU or not (`gpu_plan`): every loss x implementation that runs on CUDA
+(peers where installed) x float32/bfloat16 timed at the large sizes, plus correctness
+and gradient checks at the quick sizes, fitted by the cost model (`lossreg.costmodel`,
+from the committed H200 rows in results/gpu where they exist) to `GPU_BUDGET_S` of
+H200 time, set-up included, so that a 15-minute loan leaves time for a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+
+GPU_BUDGET_S = 480.0  # of a 15-minute loan: 8 minutes for the run, the rest for a rerun
+#: installing lossreg and the carried wheels, starting Python and torch, plots and report
+GPU_SETUP_S = 45.0
+GPU_DTYPES = ("float32", "bfloat16")
+
+
+def gpu_plan(names=None, dtypes=None, registry=None, budget_s: float = GPU_BUDGET_S):
+    """The plan of `make gpu-check` (device type cuda; no GPU needed to make it)."""
+    from .planning import plan_budget
+    from .registry import default_registry
+
+    reg = registry or default_registry()
+    specs = [reg.get(n) for n in names] if names else reg.list()
+    impls = sorted({i.name for s in specs for i in s.implementations.values()
+                    if i.backend != "compile"})
+    plan = plan_budget(reg, names, "cuda", list(dtypes or GPU_DTYPES), impls,
+                       budget_s - GPU_SETUP_S, timing_sizes="large")
+    plan.budget_s = budget_s
+    plan.breakdown["fixed"] = plan.breakdown.get("fixed", 0.0) + GPU_SETUP_S
+    plan.estimated_seconds += GPU_SETUP_S
+    return plan
+
+
+def print_plan(plan, as_json: bool = False, stream=None) -> None:
+    stream = stream or sys.stdout
+    if as_json:
+        stream.write(json.dumps(plan.to_json()) + "\n")
+    else:
+        stream.write(plan.describe() + "\n")
 
 
 def targets(df):
@@ -39,7 +77,21 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", action="append")
     ap.add_argument("--max-check-gb", type=float,
                     help="run correctness/gradient only where float64 inputs stay under this")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the plan and its expected duration, run nothing (any machine)")
+    ap.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object")
     args = ap.parse_args(argv)
+    if args.json and not args.plan:
+        ap.error("--json goes with --plan")
+    if args.plan:
+        from .planning import HarnessError
+
+        try:
+            print_plan(gpu_plan(args.loss, args.dtype), as_json=args.json)
+        except (HarnessError, KeyError) as exc:
+            print(f"gpu-check: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     from .api import bench
     from .measure import DeviceError
