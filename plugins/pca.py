@@ -103,7 +103,8 @@ def _project_torch(x, weight, mu):
 
 
 def _project_triton(x, weight, mu):
-    """The same from one pass over x (lossreg.kernels.projection), in float32."""
+    """The same from one pass over x (lossreg.kernels.projection), in float32
+    (float64 for float64 x)."""
     z, sq, xmu = project_rows(x, weight, mu)
     cast = (lambda t: t.to(x.dtype)) if x.dtype != torch.float32 else (lambda t: t)
     return cast(z), cast(sq), None if xmu is None else cast(xmu)

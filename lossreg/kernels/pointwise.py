@@ -1,7 +1,8 @@
 """Template for pointwise losses: ``loss = reduce_i w_i f(x_i, y_i[, z_i])``.
 
 A plugin supplies one ``@jit`` function computed in float32 (float64 for float64
-inputs) with up to two scalar parameters (margin, delta, tau, ...):
+inputs) with up to two scalar parameters (margin, delta, tau, ...), which reach it in
+that dtype too (``split_param``: Triton passes Python floats as float32):
 
 * ``term(x, y, p0, p1) -> (loss, dloss_dx, dloss_dy)``, or, with ``operands=3``,
 * ``term(x, y, z, p0, p1) -> (loss, dloss_dx, dloss_dy)`` where ``z`` is a third,
@@ -12,12 +13,14 @@ inputs) with up to two scalar parameters (margin, delta, tau, ...):
 ``(input, target, reduction="mean", p0=0.0, p1=0.0, z=None, weight=None)`` backed by
 two kernels:
 
-* ``mean``/``sum``: one pass reads x and y once, writes a partial sum per program and
-  the gradients of the inputs that require them (already divided by n for ``mean``),
-  so the backward is free when the incoming gradient is 1 (the usual case: the loss
-  is the last node). Otherwise the saved gradient is scaled in place, by a kernel
-  that reads the incoming gradient on the device (no host sync) and exits at once
-  when it is 1.
+* ``mean``/``sum``: one launch reads x and y once, writes the gradients of the inputs
+  that require them (already divided by n for ``mean``) and a partial sum per
+  program; the last program to finish adds the partials in program order and writes
+  the loss in the input dtype (``_finish_sum``), so the loss is final when the kernel
+  ends: no second launch, no host sync. The backward is free when the incoming
+  gradient is 1 (the usual case: the loss is the last node): one launch of a few
+  programs per SM reads that gradient on the device and exits at once; otherwise
+  they scale the saved gradient in place.
 * ``none``: the forward writes the per-element loss; the backward reads x, y and the
   incoming gradient once and writes each needed gradient once.
 
@@ -57,13 +60,23 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def widen(hi, lo, ACC: tl.constexpr):
+        """A scalar parameter from its float32 halves (``split_param``), in ACC. Under
+        the interpreter the halves arrive as Python floats, hence the tensor sum."""
+        zero = tl.zeros((1,), dtype=ACC)
+        return tl.sum((zero + hi) + lo, axis=0)
+
+    @triton.jit
     def _pointwise_eval(
-        X, Y, Z, W, offs, mask, z_period, w_period, p0, p1,
+        X, Y, Z, W, offs, mask, z_period, w_period, p0, p0_lo, p1, p1_lo,
         TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
         HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
         ACC: tl.constexpr,
     ):
-        """Load one block of operands and evaluate the term: (loss, dx, dy) in ACC."""
+        """Load one block of operands and evaluate the term: (loss, dx, dy) in ACC.
+        A scalar parameter arrives as two float32 halves (see ``split_param``)."""
+        p0 = widen(p0, p0_lo, ACC)
+        p1 = widen(p1, p1_lo, ACC)
         x = tl.load(X + offs, mask=mask, other=0).to(ACC)
         y = tl.load(Y + offs, mask=mask, other=0).to(ACC)
         if HAS_Z:
@@ -74,6 +87,8 @@ if HAVE_TRITON:
             loss, dx, dy = TERM(x, y, z, p0, p1)
         else:
             loss, dx, dy = TERM(x, y, p0, p1)
+        # a term's literal (a sign, 0.5) is float32: the gradient is formed in ACC
+        loss, dx, dy = loss.to(ACC), dx.to(ACC), dy.to(ACC)
         if EXP_FORM:
             # round e^g like an eager op in the input dtype would (inf where it overflows)
             loss = _accurate_exp(loss).to(X.dtype.element_ty).to(ACC)
@@ -90,32 +105,49 @@ if HAVE_TRITON:
         return loss, dx, dy
 
     @triton.jit
+    def _finish_sum(PART, COUNT, OUT, denom, ACC: tl.constexpr, RBLOCK: tl.constexpr):
+        """Last-program reduction: each program has stored its partial sum; the one
+        that counts last sums them all in program order (deterministic), writes
+        sum / denom in OUT's dtype and resets the counter for the next launch. The
+        loss is final when the kernel ends: no second launch, no host sync."""
+        npid = tl.num_programs(0)
+        done = tl.atomic_add(COUNT, 1, sem="acq_rel")
+        if done == npid - 1:
+            acc = tl.zeros([RBLOCK], dtype=ACC)
+            for start in range(0, npid, RBLOCK):
+                idx = start + tl.arange(0, RBLOCK)
+                acc += tl.load(PART + idx, mask=idx < npid, other=0.0, cache_modifier=".cg")
+            tl.store(OUT, (tl.sum(acc, axis=0) / denom).to(OUT.dtype.element_ty))
+            tl.atomic_xchg(COUNT, 0)
+
+    @triton.jit
     def _pointwise_fwd(
-        X, Y, Z, W, OUT, DX, DY, n, z_period, w_period, denom, p0, p1,
-        TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
+        X, Y, Z, W, OUT, PART, COUNT, DX, DY, n, z_period, w_period, denom,
+        p0, p0_lo, p1, p1_lo, TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
         HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
         REDUCE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
-        ACC: tl.constexpr, BLOCK: tl.constexpr,
+        ACC: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         loss, dx, dy = _pointwise_eval(
-            X, Y, Z, W, offs, mask, z_period, w_period, p0, p1, TERM, HAS_Z, Z_BCAST,
-            HAS_W, W_BCAST, EXP_FORM, ACC,
+            X, Y, Z, W, offs, mask, z_period, w_period, p0, p0_lo, p1, p1_lo, TERM, HAS_Z,
+            Z_BCAST, HAS_W, W_BCAST, EXP_FORM, ACC,
         )
         if REDUCE:
-            tl.store(OUT + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
             if WRITE_DX:
                 tl.store(DX + offs, (dx / denom).to(DX.dtype.element_ty), mask=mask)
             if WRITE_DY:
                 tl.store(DY + offs, (dy / denom).to(DY.dtype.element_ty), mask=mask)
+            tl.store(PART + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+            _finish_sum(PART, COUNT, OUT, denom, ACC, RBLOCK)
         else:
             tl.store(OUT + offs, loss.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _pointwise_bwd(
-        X, Y, Z, W, G, DX, DY, n, z_period, w_period, p0, p1,
+        X, Y, Z, W, G, DX, DY, n, z_period, w_period, p0, p0_lo, p1, p1_lo,
         TERM: tl.constexpr, HAS_Z: tl.constexpr, Z_BCAST: tl.constexpr,
         HAS_W: tl.constexpr, W_BCAST: tl.constexpr, EXP_FORM: tl.constexpr,
         WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, ACC: tl.constexpr,
@@ -126,8 +158,8 @@ if HAVE_TRITON:
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0).to(ACC)
         _, dx, dy = _pointwise_eval(
-            X, Y, Z, W, offs, mask, z_period, w_period, p0, p1, TERM, HAS_Z, Z_BCAST,
-            HAS_W, W_BCAST, EXP_FORM, ACC,
+            X, Y, Z, W, offs, mask, z_period, w_period, p0, p0_lo, p1, p1_lo, TERM, HAS_Z,
+            Z_BCAST, HAS_W, W_BCAST, EXP_FORM, ACC,
         )
         if WRITE_DX:
             tl.store(DX + offs, (dx * g).to(DX.dtype.element_ty), mask=mask)
@@ -136,19 +168,50 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_unless_one(X, G, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        """X *= G[0] in place, where every program returns at once when G[0] == 1: the
-        usual case costs one launch and no host sync, and no pass over X."""
+        """X *= G[0] in place over a small fixed grid (each program strides over the
+        blocks), where every program returns at once when G[0] == 1: the usual case
+        costs one launch of a few hundred programs, no host sync and no pass over X."""
         g = tl.load(G).to(ACC)
         if g != 1.0:
-            pid = tl.program_id(0)
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            x = tl.load(X + offs, mask=mask).to(ACC)
-            tl.store(X + offs, (x * g).to(X.dtype.element_ty), mask=mask)
+            step = tl.num_programs(0).to(tl.int64) * BLOCK
+            for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < n
+                x = tl.load(X + offs, mask=mask).to(ACC)
+                tl.store(X + offs, (x * g).to(X.dtype.element_ty), mask=mask)
 
 BLOCK = 4096
 NUM_WARPS = 8
+RBLOCK = 1024  # partial sums the last program adds per step
 REDUCTIONS = ("mean", "sum", "none")
+_COUNTERS: dict = {}
+_SCALE_GRID: dict = {}
+
+
+def split_param(p: float) -> tuple[float, float]:
+    """``p`` as float32 ``hi`` + ``lo`` halves: Triton passes a Python float as float32,
+    and a float64 kernel adds the halves back (48 bits, ~4e-15 relative); a float32
+    kernel gets ``hi``, ``p`` rounded once."""
+    hi = float(torch.tensor(p, dtype=torch.float32))
+    return hi, float(p - hi)
+
+
+def launch_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter per device for :func:`_finish_sum` (the last program
+    resets it, so it is zero again when the kernel ends; launches on one stream)."""
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def scale_grid(device: torch.device, blocks: int) -> int:
+    """Programs of :func:`_scale_unless_one`: four per SM at most."""
+    key = str(device)
+    if key not in _SCALE_GRID:
+        _SCALE_GRID[key] = (4 * torch.cuda.get_device_properties(device).multi_processor_count
+                            if device.type == "cuda" else 4)
+    return max(1, min(blocks, _SCALE_GRID[key]))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -190,7 +253,8 @@ class _PointwiseFunction(torch.autograd.Function):
         grid = (triton.cdiv(n, BLOCK),)
         acc = _acc_dtype(x.dtype)
         flags = _launch_flags(inst, zf, z_period, wf, w_period, n)
-        ctx.reduction, ctx.flags, ctx.p = reduction, flags, (p0, p1)
+        params = (*split_param(p0), *split_param(p1))
+        ctx.reduction, ctx.flags, ctx.p = reduction, flags, params
         ctx.periods = (z_period, w_period)
         ctx.num_warps = inst.num_warps
         ctx.shape = shape
@@ -200,9 +264,9 @@ class _PointwiseFunction(torch.autograd.Function):
             out = torch.empty_like(xf)
             if n:
                 _pointwise_fwd[grid](
-                    xf, yf, zarg, warg, out, xf, yf, n, z_period, w_period, 1, p0, p1,
-                    **flags, REDUCE=False, WRITE_DX=False, WRITE_DY=False, ACC=acc,
-                    BLOCK=BLOCK, num_warps=inst.num_warps,
+                    xf, yf, zarg, warg, out, out, out, xf, yf, n, z_period, w_period, 1,
+                    *params, **flags, REDUCE=False, WRITE_DX=False, WRITE_DY=False,
+                    ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, num_warps=inst.num_warps,
                 )
             ctx.save_for_backward(xf, yf, zf, wf)
             return out.view(shape)
@@ -212,17 +276,17 @@ class _PointwiseFunction(torch.autograd.Function):
         dx = torch.empty_like(xf) if need_dx else None
         dy = torch.empty_like(yf) if need_dy else None
         if n:
+            total = torch.empty((), dtype=x.dtype, device=x.device)
             _pointwise_fwd[grid](
-                xf, yf, zarg, warg, partial, xf if dx is None else dx,
-                yf if dy is None else dy, n, z_period, w_period, denom, p0, p1, **flags,
-                REDUCE=True, WRITE_DX=need_dx, WRITE_DY=need_dy, ACC=acc, BLOCK=BLOCK,
-                num_warps=inst.num_warps,
+                xf, yf, zarg, warg, total, partial, launch_counter(x.device),
+                xf if dx is None else dx, yf if dy is None else dy, n, z_period, w_period,
+                denom, *params, **flags, REDUCE=True, WRITE_DX=need_dx, WRITE_DY=need_dy,
+                ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, num_warps=inst.num_warps,
             )
-            total = partial.sum() / denom
         else:  # torch semantics: the mean of nothing is nan, the sum is 0
-            total = partial.new_full((), float("nan") if reduction == "mean" else 0.0)
+            total = x.new_full((), float("nan") if reduction == "mean" else 0.0)
         ctx.save_for_backward(dx, dy)
-        return total.to(x.dtype)
+        return total
 
     @staticmethod
     @guarded
@@ -247,7 +311,7 @@ class _PointwiseFunction(torch.autograd.Function):
             g = grad_out.reshape(1).contiguous()
             for t in (dx, dy):
                 if t is not None and t.numel():
-                    _scale_unless_one[(triton.cdiv(t.numel(), BLOCK),)](
+                    _scale_unless_one[(scale_grid(t.device, triton.cdiv(t.numel(), BLOCK)),)](
                         t, g, t.numel(), ACC=_acc_dtype(t.dtype), BLOCK=BLOCK,
                         num_warps=NUM_WARPS)
         dx = None if dx is None else dx.view(ctx.shape)
@@ -305,20 +369,22 @@ class PointwiseLoss:
         common = {"TERM": self.term, "HAS_Z": has_z, "Z_BCAST": False, "HAS_W": has_w,
                   "W_BCAST": False, "EXP_FORM": self.exp_form, "ACC": acc_c, "BLOCK": BLOCK}
         opts = {"num_warps": self.num_warps}
-        fwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "OUT": f"*{acc}", "DX": p, "DY": p,
-                   "n": "i64", "z_period": "i64", "w_period": "i64", "denom": "i64",
-                   "p0": "fp32", "p1": "fp32"}
+        params = {"p0": "fp32", "p0_lo": "fp32", "p1": "fp32", "p1_lo": "fp32"}
+        fwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "OUT": p, "PART": f"*{acc}",
+                   "COUNT": "*i32", "DX": p, "DY": p, "n": "i64", "z_period": "i64",
+                   "w_period": "i64", "denom": "i64", **params}
         bwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "G": p, "DX": p, "DY": p, "n": "i64",
-                   "z_period": "i64", "w_period": "i64", "p0": "fp32", "p1": "fp32"}
+                   "z_period": "i64", "w_period": "i64", **params}
         grads = {"WRITE_DX": True, "WRITE_DY": True}
+        fwd = {"RBLOCK": RBLOCK}
         sources = [
-            (_pointwise_fwd, fwd_sig, {**common, "REDUCE": True, **grads}, opts),
+            (_pointwise_fwd, fwd_sig, {**common, **fwd, "REDUCE": True, **grads}, opts),
             (_pointwise_fwd, fwd_sig,
-             {**common, "REDUCE": False, "WRITE_DX": False, "WRITE_DY": False}, opts),
+             {**common, **fwd, "REDUCE": False, "WRITE_DX": False, "WRITE_DY": False}, opts),
             (_pointwise_bwd, bwd_sig, {**common, **grads}, opts),
         ]
         if has_z or has_w:  # the broadcast (per-class vector) variant
-            bcast = {**common, "Z_BCAST": has_z, "W_BCAST": has_w}
+            bcast = {**common, **fwd, "Z_BCAST": has_z, "W_BCAST": has_w}
             sources.append((_pointwise_fwd, fwd_sig, {**bcast, "REDUCE": True, **grads}, opts))
         sources.append((_scale_unless_one, {"X": p, "G": p, "n": "i64"},
                         {"ACC": acc_c, "BLOCK": BLOCK}, {"num_warps": NUM_WARPS}))

@@ -7,6 +7,8 @@ matmul plus a separate norm (two passes) does not do. Each program owns BLOCK_M 
 and walks d in BLOCK_D slices: ``tl.dot`` of the X slice with the matching W slice
 accumulates z (IEEE float32, not TF32: the results feed differences that cancel),
 and the slice's squares accumulate the norm. k is padded to a power of two >= 16.
+float64 inputs accumulate (and return z, ||x||^2, x . mu) in float64, the product
+formed as a broadcast multiply-add, exact IEEE on every target.
 """
 
 from __future__ import annotations
@@ -22,25 +24,28 @@ if HAVE_TRITON:
     @triton.jit
     def _project_rows(X, W, MU, Z, SQ, XMU, n, d, k, stride_x, stride_w, stride_z,
                       HAS_MU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, ACC: tl.constexpr = tl.float32):
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n
         ks = tl.arange(0, BLOCK_K)
-        z = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        xmu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        z = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        sq = tl.zeros((BLOCK_M,), dtype=ACC)
+        xmu = tl.zeros((BLOCK_M,), dtype=ACC)
         for off in range(0, d, BLOCK_D):
             cols = off + tl.arange(0, BLOCK_D)
             col_ok = cols < d
             x = tl.load(X + rows[:, None] * stride_x + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
             w = tl.load(W + cols[:, None] * stride_w + ks[None, :],
-                        mask=col_ok[:, None] & (ks[None, :] < k), other=0.0).to(tl.float32)
-            z += tl.dot(x, w, input_precision="ieee")
+                        mask=col_ok[:, None] & (ks[None, :] < k), other=0.0).to(ACC)
+            if ACC == tl.float64:
+                z += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+            else:
+                z += tl.dot(x, w, input_precision="ieee")
             sq += tl.sum(x * x, axis=1)
             if HAS_MU:
-                mu = tl.load(MU + cols, mask=col_ok, other=0.0).to(tl.float32)
+                mu = tl.load(MU + cols, mask=col_ok, other=0.0).to(ACC)
                 xmu += tl.sum(x * mu[None, :], axis=1)
         tl.store(Z + rows[:, None] * stride_z + ks[None, :], z,
                  mask=row_ok[:, None] & (ks[None, :] < k))
@@ -54,7 +59,8 @@ NUM_WARPS = 4  # 16 x 16 x 4 warps: no ptxas spills on sm_80 or sm_90 (32 x 32 s
 
 
 class RowProjection:
-    """``project(x, weight, mu=None) -> (z (n, k) float32, ||x||^2, x . mu or None)``."""
+    """``project(x, weight, mu=None) -> (z (n, k), ||x||^2, x . mu or None)``, float32
+    (float64 for float64 inputs)."""
 
     name = "row_projection"
 
@@ -69,15 +75,17 @@ class RowProjection:
         if k > 128:
             raise ValueError(f"row_projection: rank k={k} is above the template's 128")
         x, weight = x.detach().contiguous(), weight.detach().contiguous()
-        z = torch.empty((n, k), dtype=torch.float32, device=x.device)
-        sq = torch.empty(n, dtype=torch.float32, device=x.device)
-        xmu = torch.empty(n, dtype=torch.float32, device=x.device) if mu is not None else sq
+        wide = x.dtype == torch.float64
+        acc = torch.float64 if wide else torch.float32
+        z = torch.empty((n, k), dtype=acc, device=x.device)
+        sq = torch.empty(n, dtype=acc, device=x.device)
+        xmu = torch.empty(n, dtype=acc, device=x.device) if mu is not None else sq
         if n:
             _project_rows[(triton.cdiv(n, BLOCK_M),)](
                 x, weight, mu.detach().contiguous() if mu is not None else x, z, sq, xmu, n,
                 d, k, x.stride(0), weight.stride(0), z.stride(0), HAS_MU=mu is not None,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_K=max(16, triton.next_power_of_2(k)),
-                num_warps=NUM_WARPS)
+                ACC=tl.float64 if wide else tl.float32, num_warps=NUM_WARPS)
         return z, sq, (xmu if mu is not None else None)
 
     def aot_sources(self, dtype: str = "fp32"):

@@ -31,19 +31,24 @@ from typing import Any
 import torch
 
 from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from .pointwise import split_param
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from . import nanops
-    from .pointwise import _scale_unless_one
+    from .pointwise import _scale_unless_one, widen
 
     @triton.jit
-    def _td_error(Q, ACT, R, D, QT, pid, N, n_act, gamma, p0, p1,
+    def _td_error(Q, ACT, R, D, QT, pid, N, n_act, gamma, gamma_lo, p0, p0_lo, p1, p1_lo,
                   TERM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_A: tl.constexpr):
-        """(loss, dloss/ddelta, rows, row_ok, actions) of BLOCK_M rows."""
+        """(loss, dloss/ddelta, rows, row_ok, actions) of BLOCK_M rows; each scalar
+        parameter arrives as float32 halves (``pointwise.split_param``)."""
+        gamma = widen(gamma, gamma_lo, ACC)
+        p0 = widen(p0, p0_lo, ACC)
+        p1 = widen(p1, p1_lo, ACC)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         act = tl.load(ACT + rows, mask=row_ok, other=0).to(tl.int64)
@@ -61,6 +66,7 @@ if HAVE_TRITON:
             best = nanops.maximum(best, nanops.amax(qt, axis=1))
         delta = q_sa - (r + gamma * (1.0 - d) * best)
         loss, dl = TERM(delta, p0, p1)
+        loss, dl = loss.to(ACC), dl.to(ACC)
         loss = tl.where(act_ok, loss, float("nan"))
         return tl.where(row_ok, loss, 0.0), tl.where(row_ok, dl, 0.0), rows, row_ok, act
 
@@ -76,13 +82,14 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["n_act"])
     def _td_fwd(
-        Q, ACT, R, D, QT, OUT, DQ, DL, N, n_act, denom, gamma, p0, p1,
-        TERM: tl.constexpr, REDUCE: tl.constexpr, WRITE_DQ: tl.constexpr,
+        Q, ACT, R, D, QT, OUT, DQ, DL, N, n_act, denom, gamma, gamma_lo, p0, p0_lo, p1,
+        p1_lo, TERM: tl.constexpr, REDUCE: tl.constexpr, WRITE_DQ: tl.constexpr,
         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        loss, dl, rows, row_ok, act = _td_error(Q, ACT, R, D, QT, pid, N, n_act, gamma, p0,
-                                                p1, TERM, ACC, BLOCK_M, BLOCK_A)
+        loss, dl, rows, row_ok, act = _td_error(
+            Q, ACT, R, D, QT, pid, N, n_act, gamma, gamma_lo, p0, p0_lo, p1, p1_lo, TERM, ACC,
+            BLOCK_M, BLOCK_A)
         if REDUCE:
             tl.store(OUT + pid, tl.sum(loss, axis=0))
             if WRITE_DQ:
@@ -133,12 +140,13 @@ class _TDFunction(torch.autograd.Function):
         flags = {"TERM": inst.term, "ACC": _acc(q.dtype), "BLOCK_M": block_m,
                  "BLOCK_A": block_a, "num_warps": NUM_WARPS}
         ctx.reduction, ctx.flags, ctx.shape = reduction, flags, (N, n_act)
+        params = (*split_param(gamma), *split_param(p0), *split_param(p1))
         if reduction == "none":
             out = torch.empty(N, dtype=q.dtype, device=q.device)
             dl = torch.empty(N, dtype=acc_dtype, device=q.device)
             if N:
                 _td_fwd[grid](q, actions, rewards, dones, target_q, out, q, dl, N, n_act, 1,
-                              gamma, p0, p1, REDUCE=False, WRITE_DQ=False, **flags)
+                              *params, REDUCE=False, WRITE_DQ=False, **flags)
             ctx.save_for_backward(actions, dl)
             ctx.q_dtype = q.dtype
             return out
@@ -148,7 +156,7 @@ class _TDFunction(torch.autograd.Function):
         dq = torch.empty_like(q) if need_dq else None
         if N:
             _td_fwd[grid](q, actions, rewards, dones, target_q, partial,
-                          q if dq is None else dq, partial, N, n_act, denom, gamma, p0, p1,
+                          q if dq is None else dq, partial, N, n_act, denom, *params,
                           REDUCE=True, WRITE_DQ=need_dq, **flags)
             total = partial.sum() / denom
         else:  # torch semantics: the mean of nothing is nan, the sum is 0
@@ -219,7 +227,8 @@ class TDLoss:
         acc_c = tl.float64 if dtype == "fp64" else tl.float32
         fwd_sig = {"Q": p, "ACT": "*i64", "R": p, "D": p, "QT": p, "OUT": f"*{acc}", "DQ": p,
                    "DL": f"*{acc}", "N": "i64", "n_act": "i32", "denom": "i64",
-                   "gamma": "fp32", "p0": "fp32", "p1": "fp32"}
+                   "gamma": "fp32", "gamma_lo": "fp32", "p0": "fp32", "p0_lo": "fp32",
+                   "p1": "fp32", "p1_lo": "fp32"}
         bwd_sig = {"ACT": "*i64", "DL": f"*{acc}", "G": p, "DQ": p, "N": "i64", "n_act": "i32"}
         opts = {"num_warps": NUM_WARPS}
         sources = []
