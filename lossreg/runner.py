@@ -203,6 +203,7 @@ def _set_timing(state: RunState) -> None:
                                   state.peak_gbps, tc.model_bytes[mode])
             if tc.task.impl.kind == "reference":
                 ref[key] = cols["time_ms"]
+                cols["speedup"] = 1.0 if cols["time_ms"] > 0 else None
             row.update(cols, rounds=tc.rounds, case_seconds=tc.seconds)
 
 

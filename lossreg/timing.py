@@ -127,16 +127,20 @@ def later_round(spec: LossSpec, impl: Impl, case: Case, options: dict,
     return samples
 
 
+_LOSS_MODEL = object()  # model_bytes not given: the loss's bytes model
+
+
 def timing_columns(samples: list[float], model: tuple, reference_ms: float | None = None,
-                   peak_gbps: float | None = None, model_bytes: float | None = None) -> dict:
+                   peak_gbps: float | None = None, model_bytes=_LOSS_MODEL) -> dict:
     """A throughput row's time columns from its samples (ms), and what derives from them:
     GB/s and TFLOP/s from the loss's (bytes, flops) models, speedup over the reference's
     median, and the fraction of the device's copy bandwidth that ``model_bytes`` (the
-    implementation's minimum traffic; the loss's bytes model when not given) reached."""
+    implementation's minimum traffic, `model_bytes`; the loss's bytes model when not
+    given; None: not modelled for this mode) reached."""
     t = measure.Timing.of(samples)
     ms = t.median_ms
     nbytes, flops = model
-    moved = nbytes if model_bytes is None else model_bytes
+    moved = nbytes if model_bytes is _LOSS_MODEL else model_bytes
     gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes and ms > 0 else None
     achieved = moved / (ms * 1e-3) / 1e9 if moved and ms > 0 else None
     return dict(

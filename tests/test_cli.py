@@ -93,24 +93,28 @@ def test_check_ok_and_failing(run, cubic_dist):
         (["compare", "/nonexistent/a", "/nonexistent/b"], "cannot read results"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(run, args, message):
-    r = run(*args)
+def test_bad_input_exits_2_with_one_line(run, args, message, tmp_path):
+    out = tmp_path / "never"
+    extra = ["--out", str(out)] if args[0] in ("check", "bench") else []
+    r = run(*args, *extra)
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.output
+    assert not out.exists()  # validated before anything was created
 
 
 def test_bench_plot_compare(run, tmp_path):
     out = tmp_path / "res"
-    r = run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--out", str(out))
+    r = run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--rounds", "2",
+            "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "cubic" in r.output and "speedup" in r.output and "plot:" in r.output
     df = pd.read_parquet(out)
     assert set(df["impl"]) == {"reference", "fast"}
     assert set(df["check"]) == {"correctness", "gradient", "throughput"}
 
-    r = run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--out", str(out),
-            "--no-plots")
+    r = run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--rounds", "1",
+            "--out", str(out), "--no-plots")
     assert r.exit_code == 0 and "plot:" not in r.output
     assert pd.read_parquet(out)["run_id"].nunique() == 2
 
@@ -124,12 +128,27 @@ def test_bench_plot_compare(run, tmp_path):
     assert r.output.startswith("| loss |")
     r = run("compare", str(out), str(out), "--threshold", "ten")
     assert r.exit_code == 2 and "threshold 'ten'" in r.output
+    r = run("compare", str(out), str(out), "--threshold", "0.05")
+    assert r.exit_code == 0
+    r = run("compare", str(out), str(out), "--threshold", "5")
+    assert r.exit_code == 2 and "5%" in r.output and "0.05" in r.output
+
+    other = tmp_path / "other.parquet"
+    df = pd.read_parquet(out)
+    df.assign(loss="nothing_alike").to_parquet(other)
+    r = run("compare", str(out), str(other))
+    assert r.exit_code == 2 and "no timed row in common" in r.output
+
+    r = run("report", str(out))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "res-report.md").exists()  # beside its input, not in the cwd
+    assert len(pd.read_parquet(out)) == len(df)  # the results folder still reads
 
 
 def test_compare_detects_regression(run, tmp_path):
     base = tmp_path / "base"
-    run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--out", str(base),
-        "--no-plots")
+    run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--rounds", "2", "--out",
+        str(base), "--no-plots")
     df = pd.read_parquet(base)
     slow = df.copy()
     for c in ("time_ms", "time_ms_p20", "time_ms_p80"):
@@ -141,7 +160,21 @@ def test_compare_detects_regression(run, tmp_path):
     assert r.exit_code == 1
     head = r.output.splitlines()[:2]
     assert head[0].startswith("base: run ") and head[1].startswith("new: run ")
-    assert all("5 timing rounds" in h and "GB/s" in h for h in head), head
+    assert all("2 timing rounds" in h and "GB/s" in h for h in head), head
     assert "regression" in r.output and "0 improvements" in r.output
     r = run("compare", str(new), str(base))
     assert r.exit_code == 0 and "0 regressions" in r.output and "improvement" in r.output
+
+
+def test_bench_exit_status_follows_the_rows(run, cubic_dist, tmp_path):
+    make_dist(cubic_dist, "cubic-wrong", {"cubic_wrong": WRONG_PLUGIN},
+              {"cubic_wrong": "cubic_wrong"})
+    import lossreg.registry as reg
+
+    reg._DEFAULT = None
+    args = ["bench", "cubic", "--device", "cpu", "--sizes", "quick", "--rounds", "1",
+            "--impl", "wrong", "--no-plots", "--out", str(tmp_path / "r")]
+    r = run(*args)
+    assert r.exit_code == 1 and "fail" in r.output
+    r = run(*args, "--allow-failures")
+    assert r.exit_code == 0

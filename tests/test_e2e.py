@@ -56,7 +56,7 @@ def test_pip_installed_plugin_lists_checks_and_benches(installed, tmp_path):
 
     out = tmp_path / "res"
     r = lossreg(installed, "bench", "cubic", "mse", "--device", "cpu", "--sizes", "quick",
-                "--out", str(out))
+                "--rounds", "2", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     df = pd.read_parquet(out)
     assert {"cubic", "mse"} <= set(df.loss)

@@ -5,7 +5,8 @@ from lossreg.plots import plot_run
 
 
 def test_plots_are_nonempty_pngs(tmp_path):
-    df = lossreg.bench(["mse"], device="cpu", sizes="quick", out=tmp_path / "r", plots=False)
+    df = lossreg.bench(["mse"], device="cpu", sizes="quick", rounds=1, out=tmp_path / "r",
+                       plots=False)
     written = plot_run(df, tmp_path / "plots")
     assert {p.name for p in written} == {"time.png", "speedup.png", "memory.png",
                                          "bandwidth.png"}
