@@ -289,20 +289,22 @@ def plan_budget(
     dev_type = measure.device_type(device)
     model = costmodel.cost_model(dev_type) if history is None else \
         costmodel.CostModel(dev_type, history)
-
     smaller: list[str] = []
     fitted: dict[str, tuple[list[int], str]] = {}
 
     def fitted_size(spec: LossSpec, share: float) -> tuple[list[int], str]:
-        """The representative size, or the largest smaller size (default sizes, then
-        quick ones) whose one-round timing of every implementation x dtype fits
-        ``share`` seconds; the smallest quick size when none does."""
+        """The representative size (the largest of a named preset), or the largest
+        smaller one (down through the smaller presets) whose one-round timing of every
+        implementation x dtype fits ``share`` seconds; the smallest quick size if none."""
         if spec.name in fitted:
             return fitted[spec.name]
-        rep = representative_size(spec)
-        candidates = [(n, "default") for n in sorted(spec.sizes["default"], reverse=True)
-                      if n <= rep] + [(n, "quick") for n in sorted(spec.sizes["quick"],
-                                                                    reverse=True)]
+        rep = representative_size(spec) if timing_sizes == "representative" else None
+        top = "default" if rep else timing_sizes
+        candidates = [(n, top) for n in sorted(spec.sizes[top], reverse=True)
+                      if rep is None or n <= rep]
+        for preset in {"large": ("default", "quick"), "default": ("quick",)}.get(top, ()):
+            candidates += [(n, preset) for n in sorted(spec.sizes[preset], reverse=True)]
+        rep = rep or candidates[0][0]
         timeable = [(i, d) for i in chosen[spec.name] for d in dtypes
                     if runnable(i, dev_type, d) is None
                     and not (i.uses_triton and dev_type == "cpu")]
@@ -328,8 +330,8 @@ def plan_budget(
                 timed, preset = fitted_size(spec, share)
                 if preset == "default":
                     timed = [min(spec.sizes["default"])]
-            elif timed_at == "largest":
-                timed, preset = [max(spec.sizes[timing_sizes])], timing_sizes
+            elif timed_at == "fitted":
+                timed, preset = fitted_size(spec, share)
             elif timed_at == "none":
                 timed, preset = [], "default"
             else:
@@ -362,23 +364,21 @@ def plan_budget(
     share = 0.0
     notes: list[str] = []
     first_checks = "full"
-    if timed_at == "representative":
-        probe = build("full", "none")
+    probe = build("full", "none")
+    estimate(probe, 1)
+    if probe.estimated_seconds > (1 - MIN_TIMING_PART) * budget:
+        first_checks = "smallest"
+        notes.append("checks at the smallest quick size only (both would leave less "
+                     f"than {MIN_TIMING_PART:.0%} of the budget for timing)")
+        probe = build("smallest", "none")
         estimate(probe, 1)
-        if probe.estimated_seconds > (1 - MIN_TIMING_PART) * budget:
-            first_checks = "smallest"
-            notes.append("checks at the smallest quick size only (both would leave less "
-                         f"than {MIN_TIMING_PART:.0%} of the budget for timing)")
-            probe = build("smallest", "none")
-            estimate(probe, 1)
-        left = budget - probe.estimated_seconds
-        share = max(left, 0.0) * TIMING_SHARE / max(len(specs), 1)
+    share = max(budget - probe.estimated_seconds, 0.0) * TIMING_SHARE / max(len(specs), 1)
     steps = [(first_checks, timed_at, None),
              ("smallest", timed_at, None if first_checks == "smallest" else
               "checks at the smallest quick size only"),
-             ("smallest", "largest" if timed_at != "representative" else "smallest-default",
-              "timing at the largest size of the preset only" if timed_at != "representative"
-              else "timing at the smallest default size")]
+             ("smallest", "fitted" if timed_at != "representative" else "smallest-default",
+              "timing at one size per loss, the largest that fits its share"
+              if timed_at != "representative" else "timing at the smallest default size")]
     for check_sizes, at, note in steps:
         if note:
             notes.append(note)
@@ -389,7 +389,7 @@ def plan_budget(
                 break
         if plan.estimated_seconds <= budget:
             break
-    if smaller and timed_at == "representative":
+    if smaller and (timed_at == "representative" or "one size per loss" in " ".join(notes)):
         notes.insert(0, f"timed below the representative size to fit each loss's share of "
                         f"the budget ({share:.0f} s): {', '.join(smaller)}")
     if plan.estimated_seconds > budget:
