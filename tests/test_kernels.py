@@ -178,3 +178,28 @@ def test_float64_triton_kernels_compute_in_float64(name, options):
               for k, v in inputs.items()}
     as_float32 = _loss_and_grads(spec, "reference", narrow, options)
     assert max(_rel(g, r) for g, r in zip(as_float32, ref)) > 1e-9  # the check can fail
+
+
+def test_tuning_table_picks_arch_then_size_then_default(tmp_path):
+    import json as _json
+
+    from lossreg.kernels import tuning
+
+    table = {"ce": [{"arch": "sm_90", "max_size": 4096, "block": 1024, "num_warps": 4},
+                    {"arch": "sm_90", "max_size": None, "block": 8192, "num_warps": 16},
+                    {"arch": "default", "max_size": None, "block": 4096, "num_warps": 8}]}
+    path = tmp_path / "t.json"
+    path.write_text(_json.dumps(table))
+    p = str(path)
+    assert tuning.config("ce", 4096, 90, p) == {"block": 1024, "num_warps": 4}
+    assert tuning.config("ce", 4097, (9, 0), p) == {"block": 8192, "num_warps": 16}
+    assert tuning.config("ce", 10, 80, p) == {"block": 4096, "num_warps": 8}
+    assert tuning.config("other", 10, 90, p) is None
+    # the committed table loads and covers the cross-entropy family on every arch
+    assert tuning.config("cross_entropy", 131072, 90)["num_warps"] > 0
+    assert tuning.config("cross_entropy", 257, 80) is not None
+    bad = tmp_path / "bad.json"
+    bad.write_text(_json.dumps({"ce": [{"arch": "sm_90", "max_size": None, "block": 0,
+                                        "num_warps": 4}]}))
+    with pytest.raises(ValueError, match="positive ints"):
+        tuning.config("ce", 1, 90, str(bad))
