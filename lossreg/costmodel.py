@@ -71,7 +71,7 @@ CHECK_FIRST_S = {"cpu": 0.3, "cuda": 0.1}  # the edge cases, on a group's first 
 GRADCHECK_S = {"cpu": 1.0, "cuda": 0.5}
 CHECK_GFLOPS = {"cpu": 0.05, "cuda": 1000.0}  # flops of a check's float64 passes
 INTERP_GFLOPS = 0.01  # the Triton interpreter on a CPU
-TRITON_COMPILE_S = 1.0  # a Triton kernel's first JIT compile on a GPU (fwd + bwd)
+TRITON_COMPILE_S = 0.5  # a Triton kernel's first JIT compile on a GPU (fwd + bwd)
 #: fixed costs: starting the worker and measuring copy bandwidth; one fresh round worker
 RUN_START_S = {"cpu": 8.0, "cuda": 15.0}
 ROUND_START_S = {"cpu": 6.0, "cuda": 10.0}

@@ -268,19 +268,16 @@ def plan_budget(
     timing_sizes: str = "representative", command: str = "bench",
 ) -> Plan:
     """A run that fits ``budget_s``: correctness and gradient checks of every loss x
-    implementation x dtype at the quick sizes, timings at each loss's
-    `representative_size` (or, with ``timing_sizes="large"`` etc., at every size of
-    that preset), and as many timing rounds (up to `MAX_ROUNDS`) as fit, unless
-    ``rounds`` is given. Each task carries the cost model's estimate.
-
-    When one round does not fit, it cuts in this order, each noted in ``Plan.notes``:
-    checks at the smallest quick size only; timing at the largest size of the preset
-    only (a named preset) or at the smallest default size (representative); past that
-    the plan is kept and says it is over budget. ``history``: a `costmodel.History`
-    (default: the committed runs and ./runs)."""
+    implementation x dtype at the quick sizes (both, if they leave `MIN_TIMING_PART` of
+    the budget, else the smallest), timings at each loss's `representative_size` (with
+    ``timing_sizes="large"`` etc.: every size of that preset), as many rounds (up to
+    `MAX_ROUNDS`) as fit unless ``rounds`` is given. When one round does not fit: checks
+    at the smallest quick size; then one size per loss fitted to its share of the budget
+    (representative: the smallest default size); past that the plan says it is over
+    budget. Cuts are in ``Plan.notes``; each task carries its estimate. ``history``: a
+    `costmodel.History` (default: the committed runs and ./runs)."""
     budget = parse_budget(budget_s)
-    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
-                               or rounds < 1):
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
         raise HarnessError(f"rounds must be a whole number of at least 1, got {rounds!r}")
     if timing_sizes not in ("representative", "quick", "default", "large"):
         raise HarnessError(f"unknown timing sizes {timing_sizes!r}: expected representative, "
@@ -308,10 +305,13 @@ def plan_budget(
         timeable = [(i, d) for i in chosen[spec.name] for d in dtypes
                     if runnable(i, dev_type, d) is None
                     and not (i.uses_triton and dev_type == "cpu")]
-        for n, preset in candidates:
-            cost = sum(model.timing_seconds(Task(spec, i, d, n, preset, TIMING), 1)
+        def cost(n, preset):
+            return sum(model.timing_seconds(Task(spec, i, d, n, preset, TIMING), 1)
                        for i, d in timeable)
-            if cost <= share:
+        # where size barely moves the cost (a GPU's fixed time per case), take the largest
+        floor = 1.25 * cost(*candidates[-1])
+        for n, preset in candidates:
+            if cost(n, preset) <= max(share, floor):
                 break
         if n != rep:
             smaller.append(f"{spec.name} ({spec.x_name}={n})")
