@@ -109,7 +109,7 @@ def test_bench_plot_compare(run, tmp_path):
             "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "cubic" in r.output and "speedup" in r.output and "plot:" in r.output
-    df = pd.read_parquet(out)
+    df = pd.read_parquet(out, dtype_backend="numpy_nullable")  # ints stay ints
     assert set(df["impl"]) == {"reference", "fast"}
     assert set(df["check"]) == {"correctness", "gradient", "throughput"}
 
@@ -134,7 +134,7 @@ def test_bench_plot_compare(run, tmp_path):
     assert r.exit_code == 2 and "5%" in r.output and "0.05" in r.output
 
     other = tmp_path / "other.parquet"
-    df = pd.read_parquet(out)
+    df = pd.read_parquet(out, dtype_backend="numpy_nullable")  # ints stay ints
     df.assign(loss="nothing_alike").to_parquet(other)
     r = run("compare", str(out), str(other))
     assert r.exit_code == 2 and "no timed row in common" in r.output
@@ -149,7 +149,7 @@ def test_compare_detects_regression(run, tmp_path):
     base = tmp_path / "base"
     run("bench", "cubic", "--device", "cpu", "--sizes", "quick", "--rounds", "2", "--out",
         str(base), "--no-plots")
-    df = pd.read_parquet(base)
+    df = pd.read_parquet(base, dtype_backend="numpy_nullable")  # ints stay ints
     slow = df.copy()
     for c in ("time_ms", "time_ms_p20", "time_ms_p80"):
         slow[c] = slow[c] * 3
