@@ -60,6 +60,50 @@ def fastest_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per Triton kernel (loss x triton implementation x device x dtype) at the
+    largest timed n, fwd+bwd (forward where nothing takes a gradient): the bytes model,
+    the achieved GB/s and fraction, beside the torch built-in's and the peers' fractions
+    in the same run."""
+    t = df[(df["check"] == "throughput") & (df["status"] == "ok")].copy()
+    if t.empty or "model_bytes" not in t:
+        return pd.DataFrame()
+    keys = ["loss", "device_name", "dtype"]
+    has_full = t.groupby(keys)["mode"].transform(lambda m: (m == "full").any())
+    t = t[(t["mode"] == "full") | (~has_full & (t["mode"] == "forward"))]
+    t = t[t["n"] == t.groupby(keys)["n"].transform("max")]
+    out = []
+    for (loss, device, dtype), g in t.groupby(keys, dropna=False):
+        torch_rows = g[(g["impl_kind"] == "baseline") & (g["backend"] == "torch")]
+        peers = g[(g["impl_kind"] == "baseline") & (g["backend"] != "torch")]
+        for r in g[g["backend"] == "triton"].itertuples():
+            out.append({
+                "loss": loss, "device_name": device, "dtype": dtype, "impl": r.impl,
+                "n": int(r.n), "mode": r.mode, "model_bytes": r.model_bytes,
+                "gbps": r.gbps, "bw_fraction": r.bw_fraction,
+                "torch_fraction": torch_rows["bw_fraction"].max() if len(torch_rows) else None,
+                "peers": ", ".join(f"{p.impl} {_fmt(p.bw_fraction, '.0%')}"
+                                   for p in peers.itertuples()),
+            })
+    return pd.DataFrame(out)
+
+
+def _kernel_section(df: pd.DataFrame) -> list[str]:
+    k = kernel_table(df)
+    if k.empty:
+        return []
+    rows = [[f"`{r.loss}`", f"`{r.impl}`", r.dtype, r.n, r.mode,
+             _fmt(r.model_bytes / 2**20 if pd.notna(r.model_bytes) else None, ".4g", " MiB"),
+             _fmt(r.gbps, ".0f"), _fmt(r.bw_fraction, ".1%"), _fmt(r.torch_fraction, ".1%"),
+             r.peers] for r in k.sort_values(["loss", "impl", "dtype"]).itertuples()]
+    return ["", "## Triton kernels against their bytes model", "",
+            "Per kernel at its largest size: the minimum traffic of its bytes model "
+            "(`model`), the GB/s that traffic took, and that as a fraction of the measured "
+            "copy bandwidth (`bw`), beside the torch built-in's and the peers' fractions.",
+            "", _md_table(["loss", "impl", "dtype", "n", "mode", "model", "GB/s", "bw",
+                           "torch bw", "peers bw"], rows)]
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(cell) -> str:
         return str(cell).replace("|", "\\|").replace("\n", " ")
@@ -120,6 +164,8 @@ def render(df: pd.DataFrame, plots: list[Path] | None = None,
                 _fmt(r.peak_vs_reference, ".3g"), _fmt(r.bw_fraction, ".1%"),
                 str(int(bad.get(r.loss, 0)))])
         parts.append(_md_table(header, rows))
+
+    parts += _kernel_section(df)
 
     untimed = sorted(set(df["loss"]) - set(fastest["loss"] if len(fastest) else []))
     if untimed:

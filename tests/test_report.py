@@ -131,3 +131,30 @@ def test_render_without_timings_says_so():
     text = render(pd.DataFrame([row]))
     assert "No throughput rows" in text and "Not timed in these results" in text
     assert "None: all 1 correctness and gradient rows are ok" in text
+
+
+def test_kernel_table_sets_each_triton_kernel_beside_torch_and_peers():
+    import pandas as pd
+
+    from lossreg.report import _kernel_section, kernel_table
+
+    def row(impl, kind, backend, n, frac, mode="full", model=3 << 20):
+        return {"check": "throughput", "status": "ok", "mode": mode, "loss": "ce",
+                "device_name": "H200", "dtype": "bfloat16", "n": n, "impl": impl,
+                "impl_kind": kind, "backend": backend, "model_bytes": model,
+                "gbps": frac * 4000, "bw_fraction": frac}
+
+    df = pd.DataFrame([row("triton", "optimized", "triton", 4096, 0.81),
+                       row("triton", "optimized", "triton", 1024, 0.30),  # smaller n
+                       row("triton", "optimized", "triton", 4096, 0.9, mode="backward"),
+                       row("torch", "baseline", "torch", 4096, 0.42),
+                       row("liger", "baseline", "liger_kernel", 4096, 0.66),
+                       row("reference", "reference", "torch", 4096, 0.1)])
+    k = kernel_table(df)
+    assert len(k) == 1
+    r = k.iloc[0]
+    assert (r["impl"], r["n"], r["bw_fraction"], r["torch_fraction"]) == ("triton", 4096,
+                                                                          0.81, 0.42)
+    assert r["peers"] == "liger 66%"
+    text = "\n".join(_kernel_section(df))
+    assert "81.0%" in text and "42.0%" in text and "3 MiB" in text
