@@ -147,7 +147,9 @@ def torch_impl(logits, target, vocab_start=None, ignore_index=-100, label_smooth
 
 # ---------------------------------------------------------------- fused
 def _chunks(n: int, v: int):
-    step = max(1, CHUNK_ELEMS // max(v, 1))
+    """Row spans whose float temporaries stay under CHUNK_ELEMS and under an eighth of
+    the logits, so that they never rival the gradient itself (peak ~ 1.25x its size)."""
+    step = max(1, min(CHUNK_ELEMS // max(v, 1), -(-n // 8)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
