@@ -24,6 +24,8 @@ SASS_LOOP = """
         /*0040*/              @!P0 STG.E.128 [R14.64], R8 ;        /* 0x000 */
         /*0050*/              @P1 BRA `(.L_x_1) ;                   /* 0x000 */
         /*0060*/                   STG.E.U16 [R4.64], R2 ;         /* 0x000 */
+        /*0064*/              @!P2 LDG.E.STRONG.GPU R3, [R6.64] ;  /* 0x000 */
+        /*0068*/              @!P2 BRA 0x64 ;                       /* 0x000 */
         /*0070*/                   BRA 0x70;                       /* 0x000 */
 """
 
@@ -61,10 +63,13 @@ def test_shared_memory_limits_blocks():
     assert aot.blocks_per_sm(32, 4, 120 * 1024, 80) == 1
 
 
-def violations(report):
-    """Each entry that breaks the module's rules, with why."""
+def violations(report, known=False):
+    """Each entry that breaks the module's rules, with why (``known``: only those
+    listed in ``aot.KNOWN_VIOLATIONS``; else only those not listed)."""
     bad = []
     for e in report:
+        if e.get("ok") and bool(aot.known_violation(e)) != known:
+            continue
         name = f"{e['arch']} {e['instance']}.{e['kernel']}[{e['dtype']}] {e['variant']}"
         if not e["ok"]:
             bad.append(f"{name}: {e['error']}")
@@ -102,6 +107,9 @@ def test_representative_kernels_pass_on_sm80_and_sm90():
     assert {e["instance"] for e in report} == set(aot.REPRESENTATIVE)
     assert {e["arch"] for e in report} == {"sm_80", "sm_90"}
     assert not violations(report), "\n".join(violations(report))
+    # each listed violation still happens (else take it off aot.KNOWN_VIOLATIONS)
+    listed = [e for e in report if e["ok"] and aot.known_violation(e)]
+    assert all(violations([e], known=True) for e in listed), "a listed violation is gone"
     assert rc == 0
 
 
@@ -113,6 +121,8 @@ def test_every_template_kernel_passes(arch):
     report, rc = _compile(["--arch", str(arch), "--dtype", "fp32", "--dtype", "bf16"])
     assert {e["instance"] for e in report} >= set(aot.REPRESENTATIVE)
     assert not violations(report), "\n".join(violations(report))
+    listed = [e for e in report if e["ok"] and aot.known_violation(e)]
+    assert all(violations([e], known=True) for e in listed), "a listed violation is gone"
     assert rc == 0
 
 

@@ -22,8 +22,10 @@ figures in every run, from Triton's cache or not, whatever else is compiled with
 * ``blocks_per_sm``: resident blocks that registers x warps (and shared memory) allow,
   65536 registers and 64 warps per SM on sm_80 and sm_90;
 * ``load_bits`` / ``store_bits``: the widest global load and store (``LDG``/``STG``)
-  in the kernel's main loop (the innermost backward branch's body holding global
-  loads; the whole kernel when it has no such loop), from ``cuobjdump -sass``.
+  in the kernel's main loop (the innermost backward branch's body holding the most
+  global loads; the whole kernel when it has no such loop or loads more outside it,
+  as a one-block kernel whose last program sums partials in a loop), from
+  ``cuobjdump -sass``.
 
 Exit status 1 when any kernel fails to compile.
 """
@@ -117,7 +119,9 @@ def memory_widths(sass: str) -> dict:
         labels.update((name, pos) for name in pending)
         pending.clear()
         mem = _MEM.search(line.split("/*", 2)[1])
-        if mem:
+        # .STRONG.GPU accesses read other programs' results (a last-program reduction
+        # of partials), not the streamed data: they do not make a main loop
+        if mem and "STRONG" not in mem.group(2):
             ops.append((pos, mem.group(1), _width(mem.group(2))))
         b = _BRA.search(line.split("/*", 2)[1])
         if b:
@@ -127,11 +131,18 @@ def memory_widths(sass: str) -> dict:
     loops = [(t, at) for at, t in branches if t is not None and t < at]
     loops = [(lo, hi) for lo, hi in loops
              if any(k == "LDG" and lo <= p <= hi for p, k, _ in ops)]
-    if loops:  # the innermost loop that loads from global memory
-        lo, hi = min(loops, key=lambda r: r[1] - r[0])
-        body = [(k, w) for p, k, w in ops if lo <= p <= hi]
-    else:
-        body = [(k, w) for _, k, w in ops]
+    def loads_in(lo, hi):
+        return sum(k == "LDG" and lo <= p <= hi for p, k, _ in ops)
+
+    body = [(k, w) for _, k, w in ops]
+    if loops:  # the innermost of the loops that load the most
+        most = max(loads_in(lo, hi) for lo, hi in loops)
+        lo, hi = min((r for r in loops if loads_in(*r) == most), key=lambda r: r[1] - r[0])
+        outside = sum(k == "LDG" for _, k, _ in ops) - most
+        if most >= outside:  # else the data is loaded straight-line (a loop only finishes)
+            body = [(k, w) for p, k, w in ops if lo <= p <= hi]
+        else:
+            loops = []
     loads = [w for k, w in body if k == "LDG"]
     stores = [w for k, w in body if k == "STG"]
     return {"in_loop": bool(loops), "load_bits": max(loads, default=0),
@@ -149,7 +160,39 @@ def blocks_per_sm(registers: int, num_warps: int, shared: int, cc: int) -> int:
 
 
 #: one instance of each template, compiled by the default test (the rest: slow)
-REPRESENTATIVE = ("mse", "triplet_lp", "gini_impurity", "kmeans_nearest")
+REPRESENTATIVE = ("mse", "kmeans_nearest")
+
+#: (instance, kernel, dtype, arch, variant substring) -> why it breaks a rule today.
+#: The tests require the violations to be exactly these: a new one fails, and a fixed
+#: one must be taken off the list.
+KNOWN_VIOLATIONS = {
+    ("kmeans_nearest", "_pairwise_reduce", "fp32", "sm_80", ""):
+        "240 registers x 8 warps: 1 block/SM (IEEE float32 FMA tiles of 64x64x32)",
+    ("triplet_lp", "_aligned_fwd", "fp32", "sm_80", "BLOCK_D=4096"):
+        "rows of 4096 held in registers: 128-145 registers x 8 warps, 1 block/SM",
+    ("triplet_lp", "_aligned_bwd", "fp32", "sm_80", "BLOCK_D=4096"): "as _aligned_fwd",
+    ("triplet_lp", "_aligned_bwd", "fp32", "sm_90", "BLOCK_D=4096"): "as _aligned_fwd",
+    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=4096"): "as fp32",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=4096"): "as fp32",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=4096"): "as fp32",
+    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=64,"):
+        "4 bfloat16 per thread per row tile: 64-bit loads (needs 4 warps or 2x tiles)",
+    ("triplet_lp", "_aligned_fwd", "bf16", "sm_90", "BLOCK_D=64,"): "as sm_80",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=64,"): "as _aligned_fwd",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=64,"): "as _aligned_fwd",
+    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=1024,"): "as BLOCK_D=64",
+    ("triplet_lp", "_aligned_fwd", "bf16", "sm_90", "BLOCK_D=1024,"): "as BLOCK_D=64",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=1024,"): "as BLOCK_D=64",
+    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=1024,"): "as BLOCK_D=64",
+}
+
+
+def known_violation(entry: dict) -> str | None:
+    for (inst, kernel, dtype, arch, part), why in KNOWN_VIOLATIONS.items():
+        if (entry["instance"], entry["kernel"], entry["dtype"], entry["arch"]) == (
+                inst, kernel, dtype, arch) and part in entry.get("variant", ""):
+            return why
+    return None
 
 #: kernel -> what a memory-bound kernel's main loop must do with 128-bit accesses:
 #: "loads+stores" (it streams inputs to per-element outputs), "loads" (it reduces its
@@ -161,6 +204,8 @@ MEMORY_BOUND = {
     "_scale_unless_one": "loads+stores",
     "_aligned_fwd": "loads+stores",
     "_aligned_bwd": "loads+stores",
+    "_rowwise_fwd": "loads+stores",
+    "_rowwise_bwd": "loads+stores",
 }
 
 
@@ -169,9 +214,10 @@ def vector_rule(entry: dict) -> str | None:
     float64 moves 128 bits as two elements and is not judged."""
     if entry.get("dtype") not in ("fp32", "bf16"):
         return None
-    rule = MEMORY_BOUND.get(entry.get("kernel"))
-    if rule == "loads+stores" and "WRITE_DX=False" in entry.get("variant", "") \
-            and "REDUCE=True" in entry.get("variant", ""):
+    kernel, variant = entry.get("kernel"), entry.get("variant", "")
+    rule = MEMORY_BOUND.get(kernel)
+    # a row-wise forward without gradients writes one value per row, not per element
+    if rule and kernel in ("_aligned_fwd", "_rowwise_fwd") and "REDUCE=False" in variant:
         return "loads"
     return rule
 
