@@ -301,7 +301,6 @@ def plan_budget(
                       if rep is None or n <= rep]
         for preset in {"large": ("default", "quick"), "default": ("quick",)}.get(top, ()):
             candidates += [(n, preset) for n in sorted(spec.sizes[preset], reverse=True)]
-        rep = rep or candidates[0][0]
         timeable = [(i, d) for i in chosen[spec.name] for d in dtypes
                     if runnable(i, dev_type, d) is None
                     and not (i.uses_triton and dev_type == "cpu")]
@@ -313,8 +312,8 @@ def plan_budget(
         for n, preset in candidates:
             if cost(n, preset) <= max(share, floor):
                 break
-        if n != rep:
-            smaller.append(f"{spec.name} ({spec.x_name}={n})")
+        if (n, preset) != candidates[0]:
+            smaller.append(f"{spec.name} ({spec.x_name}={n}, {preset})")
         fitted[spec.name] = ([n], preset)
         return fitted[spec.name]
 
