@@ -171,21 +171,59 @@ def _progress(total: int):
 @_common
 @click.option("--sizes", default="quick", show_default=True, help="quick, default or large")
 @click.option("--out", type=click.Path(file_okay=False), help="also write the rows here")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="check distributed losses over this many gloo ranks spawned here "
+                   "(under torchrun: the job's ranks, NCCL on GPUs)")
 @_friendly
-def check(names, device, dtypes, impls, sizes, out, case_timeout):
+def check(names, device, dtypes, impls, sizes, out, case_timeout, world_size):
     """Correctness and gradients against the float64 reference. Exit status: 0 all
     rows ok or skipped, 1 any fail or error, 2 bad input, 130/143 on Ctrl-C/SIGTERM."""
     from .api import check as run_check
     from .api import failed, status_counts
 
-    df = _run(run_check, list(names) or None, device=device, dtypes=dtypes or None,
-              impls=impls or None, sizes=sizes, out=out, progress=_progress,
-              case_timeout=case_timeout)
+    if world_size is not None or _torchrun() is not None:
+        df = _run(_check_distributed, names, world_size, device, dtypes, impls, sizes, out,
+                  case_timeout)
+        if df is None:  # a rank other than 0: rank 0 reports
+            sys.exit(0)
+    else:
+        df = _run(run_check, list(names) or None, device=device, dtypes=dtypes or None,
+                  impls=impls or None, sizes=sizes, out=out, progress=_progress,
+                  case_timeout=case_timeout)
     bad = df[df["status"].isin(["fail", "error"])]
     if len(bad):
         click.echo(_table(bad, ["loss", "impl", "dtype", "n", "check", "status", "message"]))
     click.echo(f"{len(df)} rows: {status_counts(df)}")
     sys.exit(1 if failed(df) else 0)
+
+
+def _torchrun():
+    from .sharding import current
+
+    return current()
+
+
+def _check_distributed(names, world_size, device, dtypes, impls, sizes, out, case_timeout):
+    """`check --world-size N` (or under torchrun): every rank's forward and gradient
+    shards against the float64 reference's slices; None on ranks other than 0."""
+    from .distributed import check_distributed
+    from .results import ResultWriter, to_table
+
+    if not names:
+        raise Bad("--world-size needs the names of distributed losses (e.g. "
+                  "vocab_parallel_cross_entropy)")
+    info = _torchrun()
+    rows = check_distributed(list(names), world_size,
+                             device="cpu" if device == "auto" and info is None else device,
+                             dtypes=dtypes or None, impls=impls or None, sizes=sizes,
+                             timeout=case_timeout or 300.0)
+    if info is not None and info.rank != 0:
+        return None
+    if out and rows:
+        writer = ResultWriter(out, rows[0]["run_id"])
+        writer.write(rows)
+        writer.finish()
+    return to_table(rows).to_pandas()
 
 
 @main.command()
@@ -216,9 +254,22 @@ def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeo
     from .api import bench as run_bench
     from .api import failed
 
-    df = _run(run_bench, list(names) or None, device=device, dtypes=dtypes or None,
-              impls=impls or None, sizes=sizes, budget=budget, out=out, plots=not no_plots,
-              progress=_progress, case_timeout=case_timeout, rounds=rounds, echo=click.echo)
+    info = _torchrun()
+    if info is not None:  # torchrun: this rank runs its share, rank 0 merges
+        from .sharding import run_sharded
+
+        df = _run(run_sharded, run_bench, out=out, plots=not no_plots,
+                  names=list(names) or None, device=device, dtypes=dtypes or None,
+                  impls=impls or None, sizes=sizes, budget=budget, rounds=rounds,
+                  case_timeout=case_timeout,
+                  echo=click.echo if info.rank == 0 else (lambda *a, **k: None))
+        if info.rank != 0:
+            sys.exit(0)
+    else:
+        df = _run(run_bench, list(names) or None, device=device, dtypes=dtypes or None,
+                  impls=impls or None, sizes=sizes, budget=budget, out=out,
+                  plots=not no_plots, progress=_progress, case_timeout=case_timeout,
+                  rounds=rounds, echo=click.echo)
     sys.exit(1 if failed(df) and not allow_failures else 0)
 
 

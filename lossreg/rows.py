@@ -68,12 +68,12 @@ def base_row(context: dict, task: Task, params: dict) -> dict:
     spec, impl = task.spec, task.impl
     params = {**spec.input_params.get(task.preset, {}), **params}
     return {
+        "world_size": 1, "rank": 0,
         **context,
         "loss": spec.name, "family": spec.family, "impl": impl.name, "impl_kind": impl.kind,
         "backend": impl.backend, "plugin": impl.plugin or spec.plugin, "dtype": task.dtype,
         "x_name": spec.x_name, "n": task.n, "params": json.dumps(params, sort_keys=True,
                                                                   default=str),
-        "world_size": 1, "rank": 0,
     }
 
 
