@@ -1,8 +1,8 @@
 """The prepared check for a lent GPU machine (``make gpu-check``).
 
-Runs correctness, gradient and throughput of every registered loss on CUDA at the
-`large` sizes (float32 and bfloat16; torch.compile left out: its compile time per
-shape and dtype would not fit the machine's few minutes), writes the Parquet and plots
+Runs the plan below (correctness, gradient and throughput of every registered loss on
+CUDA, float32 and bfloat16; torch.compile left out: its compile time per shape and
+dtype would not fit the machine's few minutes), writes the Parquet and plots
 under ``--out`` and prints, per Triton implementation, how it compares with the torch
 built-in and the device's copy bandwidth at its largest size.
 
@@ -72,7 +72,9 @@ def targets(df):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/gpu")
-    ap.add_argument("--sizes", default="large")
+    ap.add_argument("--sizes", default=None,
+                    help="quick, default or large: the whole matrix at that preset instead "
+                         "of the budgeted plan (`--plan` shows it)")
     ap.add_argument("--loss", action="append", help="only these losses")
     ap.add_argument("--dtype", action="append")
     ap.add_argument("--max-check-gb", type=float,
@@ -96,20 +98,18 @@ def main(argv=None) -> int:
     from .api import bench
     from .measure import DeviceError
     from .planning import HarnessError
-    from .registry import default_registry
+    from .progress import Progress
 
-    reg = default_registry()
-    specs = [reg.get(n) for n in args.loss] if args.loss else reg.list()
-    impls = sorted({i.name for s in specs for i in s.implementations.values()
-                    if i.backend != "compile"})
     t0 = time.time()
     # the device (cuda) is validated by bench, in one place for every caller
     try:
-        df = bench(args.loss, device="cuda", dtypes=args.dtype or ["float32", "bfloat16"],
-                   impls=impls, sizes=args.sizes, out=args.out, echo=print, rounds=1,
+        plan = None if args.sizes else gpu_plan(args.loss, args.dtype)
+        df = bench(args.loss, device="cuda", dtypes=args.dtype or list(GPU_DTYPES),
+                   sizes=args.sizes, out=args.out, echo=print, plan=plan,
+                   rounds=None if plan is not None else 1,
                    check_bytes_max=None if args.max_check_gb is None
                    else int(args.max_check_gb * 2**30),
-                   progress=lambda i, n, msg: print(f"[{i}/{n}] {msg}", flush=True))
+                   progress=lambda total: Progress(total, stream=sys.stdout))
     except (DeviceError, HarnessError) as exc:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2

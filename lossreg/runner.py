@@ -259,6 +259,7 @@ def execute(
     run_id: str | None = None, select: Callable[[list[Task]], list[Task]] | None = None,
     row_extra: dict | None = None, consolidate: bool = True,
     check_bytes_max: int | None = None, on_plan: Callable[[Plan], None] | None = None,
+    plan: Plan | None = None,
 ):
     """Shared engine of `check` and `bench`. Returns (DataFrame, ResultWriter | None).
 
@@ -270,7 +271,8 @@ def execute(
     into every row; with ``consolidate=False`` the part files stay as they are (another
     process consolidates). ``progress(total)`` makes the display (``case_started``,
     ``case_done``, ``close``; e.g. `progress.Progress`); ``total`` counts every
-    round. ``on_plan(plan)`` hears the plan before anything runs. Ctrl-C or SIGTERM
+    round. ``plan``: run this plan (e.g. `gpu_check.gpu_plan`) instead of making one;
+    ``on_plan(plan)`` hears the plan before anything runs. Ctrl-C or SIGTERM
     raises `Interrupted` once the finished cases are saved."""
     import pandas as pd
 
@@ -280,14 +282,15 @@ def execute(
         rounds = resolve_rounds(rounds)
     registry = registry or default_registry()
     command = "bench" if throughput else "check"
-    if budget is not None:
+    if plan is not None:
+        rounds = rounds or plan.rounds or 1
+    elif budget is not None:
         plan = planning.plan_budget(registry, names, device, dtypes, impls, budget, rounds,
                                     command=command)
         rounds = plan.rounds
     else:
         plan = make_plan(registry, names, device, dtypes, impls, sizes, command=command)
-        rounds = rounds or 1
-        plan.rounds = rounds
+        rounds = plan.rounds = rounds or 1
     tasks = list(select(plan.tasks)) if select is not None else plan.tasks
     if out is not None:
         _writable(Path(out))
