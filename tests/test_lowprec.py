@@ -111,3 +111,20 @@ def test_common_factor_fit():
     spike = torch.full((100,), 1e-3, dtype=torch.float64)
     spike[0] = 10.0
     assert lowprec.systematic_error(torch.bfloat16, spike * 1.01, spike, 0.2) == ""
+
+
+def test_interpreter_rounds_bfloat16_to_nearest_even():
+    """Under the interpreter a kernel's bfloat16 store rounds as on a GPU (to nearest
+    even), not toward zero: mae's mean gradient 1/4099 rounds up to 2^-12, as torch's."""
+    from lossreg.kernels import interpreting
+    if not interpreting():
+        pytest.skip("Triton runs compiled here")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4099, generator=g).bfloat16().requires_grad_(True)
+    y = torch.randn(4099, generator=g).bfloat16()
+    impls = lossreg.get("mae").implementations
+    for cot in (1.0, 0.51953125):
+        grads = [torch.autograd.grad(impls[k].fn(x, y, "mean"), [x],
+                                     torch.tensor(cot, dtype=torch.bfloat16))[0]
+                 for k in ("triton", "torch")]
+        assert torch.equal(grads[0], grads[1]), cot

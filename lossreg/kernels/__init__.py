@@ -54,6 +54,12 @@ def interpreting() -> bool:
     return HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+if interpreting():  # bfloat16 stores round to nearest even, as on a GPU
+    from .interp_rounding import install as _install_rounding
+
+    _install_rounding()
+
+
 def launch_guard():
     """Context for launching template kernels. Under the interpreter, numpy would warn
     about IEEE results a GPU gives silently (log(0) in a masked lane, exp overflow to
