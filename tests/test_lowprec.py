@@ -128,3 +128,18 @@ def test_interpreter_rounds_bfloat16_to_nearest_even():
                                      torch.tensor(cot, dtype=torch.bfloat16))[0]
                  for k in ("triton", "torch")]
         assert torch.equal(grads[0], grads[1]), cot
+
+
+def test_interpreter_bfloat16_dot_multiplies_values():
+    """A bfloat16 ``tl.dot`` under the interpreter multiplies values, not their uint16
+    bit patterns: wcss's Triton nearest-centroid kernel agrees with the reference."""
+    from lossreg.kernels import interpreting
+    if not interpreting():
+        pytest.skip("Triton runs compiled here")
+    spec = lossreg.get("wcss")
+    n = min(spec.sizes["quick"])
+    inputs = spec.make_inputs(Case(n, torch.bfloat16, "cpu", seed=4,
+                                   params=spec.case_params("quick", spec.options)))
+    v = verify.check_forward(spec, spec.implementations["triton"], inputs, spec.options,
+                             spec.tolerance("bfloat16"))
+    assert v.ok, v.message

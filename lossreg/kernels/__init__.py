@@ -54,10 +54,10 @@ def interpreting() -> bool:
     return HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-if interpreting():  # bfloat16 stores round to nearest even, as on a GPU
-    from .interp_rounding import install as _install_rounding
+if interpreting():  # bfloat16 rounding and tl.dot as on a GPU
+    from .interp_patches import install as _install_patches
 
-    _install_rounding()
+    _install_patches()
 
 
 def launch_guard():

@@ -1,5 +1,7 @@
-"""Round-to-nearest-even for float32 -> bfloat16 casts under the Triton interpreter.
+"""Two bfloat16 faults of the Triton interpreter (triton 3.x), patched so that a CPU
+check judges the kernel as a GPU runs it, not the interpreter.
 
+1. Rounding. 
 On a GPU, ``x.to(tl.bfloat16)`` rounds to nearest even. The interpreter (triton 3.x,
 ``triton.runtime.interpreter._convert_float``) casts float32 to bfloat16 by dropping
 the low 16 bits: round toward zero, so every bfloat16 value a kernel stores is biased
@@ -10,12 +12,20 @@ it twice (the saved gradient, then times the incoming gradient) doubles it: the 
 check would judge the interpreter, not the kernel. `install` makes the interpreter's
 float32 -> bfloat16 conversion round as the GPU does (through torch's conversion,
 which rounds to nearest even); other conversions are left as they are.
+
+2. ``tl.dot`` of bfloat16 tiles. The interpreter keeps bfloat16 values as their uint16
+bit patterns and its ``create_dot`` multiplies those integers (``np.matmul`` on the
+bits): every bfloat16 ``tl.dot`` returned garbage (wcss, soft_kmeans, eps_separation,
+rel 1-9 against the reference). A GPU multiplies the values, each product exact in the
+float32 accumulator; `install` widens bfloat16 operands to float32 (exact) first.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
 _INSTALLED = False
 
@@ -26,14 +36,19 @@ def _bf16_bits(data: np.ndarray) -> np.ndarray:
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
 
 
+def _widen(t) -> np.ndarray:
+    """A handle's values as float32 (bfloat16 bits shifted into place; exact)."""
+    if t.dtype.scalar == tl.bfloat16:
+        return (t.data.astype(np.uint32) << 16).view(np.float32)
+    return t.data.astype(np.float32)
+
+
 def install() -> None:
-    """Patch the interpreter's float conversion once (no-op without the interpreter)."""
+    """Patch the interpreter's bfloat16 rounding and dot, once (imported only where
+    Triton runs under the interpreter)."""
     global _INSTALLED
     if _INSTALLED:
         return
-    from triton.runtime import interpreter  # only where Triton runs on the CPU
-    import triton.language as tl
-
     original = interpreter._convert_float
 
     def convert(input, input_dtype, output_dtype, rounding_mode):
@@ -43,4 +58,14 @@ def install() -> None:
         return original(input, input_dtype, output_dtype, rounding_mode)
 
     interpreter._convert_float = convert
+
+    builder = interpreter.InterpreterBuilder
+    original_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            a, b = (interpreter.TensorHandle(_widen(t), tl.float32) for t in (a, b))
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
     _INSTALLED = True
