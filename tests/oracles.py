@@ -1,6 +1,7 @@
 """Independent oracles: every built-in loss written again with code lossreg did not write
 (numpy from the textbook formula, scipy.special, scipy.stats, scipy.spatial, torch.distributions),
-on float64 numpy arrays. ``tests/test_oracles.py`` holds every implementation to them.
+on float64 numpy arrays. ``tests/oracle_check.py`` holds every implementation to them
+(run by each loss's `loss_tester.LossTester`).
 
 Each oracle takes the inputs (numpy arrays, named as the spec names them) and the options,
 and returns the loss under the options' ``reduction``. Unknown options raise, so a new

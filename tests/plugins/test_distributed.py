@@ -18,6 +18,7 @@ from lossreg.distributed import check_distributed
 from lossreg.planning import HarnessError
 from lossreg.sharding import RankInfo, current, device_for, select
 from lossreg_plugins.distributed.vocab_ce import SumOverRanks
+from loss_tester import LossTester
 
 LOSSES = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
           "gathered_info_nce")
@@ -207,3 +208,19 @@ def test_torchrun_bench_writes_one_run(tmp_path):
     timed = df[df["check"] == "throughput"]
     assert (timed.groupby(["loss", "impl", "dtype", "n"])["rank"].nunique() == 1).all()
     assert set(timed["loss"]) == {"mse", "bce", "huber", "hinge"}
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestGatheredInfoNce(LossTester):
+    loss = "gathered_info_nce"
+    no_oracle = "tests/plugins/test_distributed.py"
+
+
+class TestVocabParallelCrossEntropy(LossTester):
+    loss = "vocab_parallel_cross_entropy"
+    no_oracle = "tests/plugins/test_distributed.py"
+
+
+class TestVocabParallelLinearCrossEntropy(LossTester):
+    loss = "vocab_parallel_linear_cross_entropy"
+    no_oracle = "tests/plugins/test_distributed.py"

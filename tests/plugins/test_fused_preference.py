@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lossreg
 from lossreg.spec import Case
 from lossreg_plugins import _fused_linear as fl
+from loss_tester import LossTester
 
 NAMES = ["fused_linear_dpo", "fused_linear_orpo", "fused_linear_cpo", "fused_linear_simpo",
          "fused_linear_kto"]
@@ -165,3 +166,29 @@ def test_chunked_checks_pass_over_many_chunks(monkeypatch):
     bad = df[df.status.isin(["fail", "error"])]
     assert bad.empty, bad[["loss", "check", "n", "params", "message"]].to_string()
     assert set(df.loss) == set(NAMES)
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestFusedLinearCpo(LossTester):
+    loss = "fused_linear_cpo"
+    no_oracle = "tests/plugins/test_fused_preference.py"
+
+
+class TestFusedLinearDpo(LossTester):
+    loss = "fused_linear_dpo"
+    no_oracle = "tests/plugins/test_fused_preference.py"
+
+
+class TestFusedLinearKto(LossTester):
+    loss = "fused_linear_kto"
+    no_oracle = "tests/plugins/test_fused_preference.py"
+
+
+class TestFusedLinearOrpo(LossTester):
+    loss = "fused_linear_orpo"
+    no_oracle = "tests/plugins/test_fused_preference.py"
+
+
+class TestFusedLinearSimpo(LossTester):
+    loss = "fused_linear_simpo"
+    no_oracle = "tests/plugins/test_fused_preference.py"

@@ -10,6 +10,7 @@ from lossreg.kernels import HAVE_TRITON, interpreting
 from lossreg.kernels import softmax
 
 from tolerances import assert_close64
+from loss_tester import LossTester
 
 CE = lossreg.get("cross_entropy").implementations
 needs_triton = pytest.mark.skipif(not HAVE_TRITON or not (interpreting() or
@@ -159,3 +160,12 @@ def test_perplexity_is_exp_of_mean_kept_ce(impl):
     keep = y != -100
     expected = torch.exp(F.cross_entropy(x[keep].double(), y[keep]))
     assert_close64(ppl, expected, torch.float32)
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestCrossEntropy(LossTester):
+    loss = "cross_entropy"
+
+
+class TestPerplexity(LossTester):
+    loss = "perplexity"

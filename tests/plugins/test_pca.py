@@ -8,6 +8,7 @@ import lossreg
 from lossreg.spec import Case
 
 from tolerances import assert_close64
+from loss_tester import LossTester
 
 SPEC = lossreg.get("pca_reconstruction")
 IMPLS = sorted(SPEC.implementations.keys() - {"compile"})
@@ -66,3 +67,8 @@ def test_one_row_edge_case_follows_the_case_dim(dim):
     assert inputs["x"].shape == (1, dim) and inputs["weight"].shape == (dim, 4)
     ref = SPEC.reference(**{k: v.double() for k, v in inputs.items()})
     assert_close64(SPEC.implementations["projected"].fn(**inputs), ref, torch.float32)
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestPcaReconstruction(LossTester):
+    loss = "pca_reconstruction"

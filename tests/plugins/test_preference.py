@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lossreg
+from loss_tester import LossTester
 
 PC = np.array([-0.31, -1.2, -0.05, -2.5, -0.7])
 PR = np.array([-0.9, -0.4, -0.05, -0.001, -3.0])
@@ -151,3 +152,24 @@ def test_every_implementation_passes_check_in_bfloat16():
     bad = df[df.status.isin(["fail", "error"])]
     assert bad.empty, bad[["loss", "impl", "check", "n", "params", "message"]].to_string()
     assert set(df[df.status == "ok"].impl) == {"torch", "triton"}
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestCpo(LossTester):
+    loss = "cpo"
+    no_oracle = "tests/plugins/test_preference.py"
+
+
+class TestKto(LossTester):
+    loss = "kto"
+    no_oracle = "tests/plugins/test_preference.py"
+
+
+class TestOrpo(LossTester):
+    loss = "orpo"
+    no_oracle = "tests/plugins/test_preference.py"
+
+
+class TestSimpo(LossTester):
+    loss = "simpo"
+    no_oracle = "tests/plugins/test_preference.py"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lossreg
+from loss_tester import LossTester
 
 from family_helpers import (  # noqa: F401
     DEVICE,
@@ -365,3 +366,20 @@ def test_bad_inputs_are_rejected_by_every_implementation(name, make, exc, match)
             continue
         with pytest.raises(exc, match=match):
             impl.fn(**make(gen(name, match)))
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestDpo(LossTester):
+    loss = "dpo"
+
+
+class TestPpoClip(LossTester):
+    loss = "ppo_clip"
+
+
+class TestQTd(LossTester):
+    loss = "q_td"
+
+
+class TestRewardBt(LossTester):
+    loss = "reward_bt"

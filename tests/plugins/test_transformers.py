@@ -13,6 +13,7 @@ from lossreg.spec import Case
 from lossreg_plugins.transformers import contrastive, linear_ce
 
 from tolerances import assert_close64
+from loss_tester import LossTester
 
 needs_triton = pytest.mark.skipif(not HAVE_TRITON or not (interpreting() or
                                                           torch.cuda.is_available()),
@@ -201,3 +202,32 @@ def test_validation(loss, kwargs, message):
             continue
         with pytest.raises(ValueError, match=message):
             impl.fn(**kwargs)
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestCausalLm(LossTester):
+    loss = "causal_lm"
+
+
+class TestFusedLinearCrossEntropy(LossTester):
+    loss = "fused_linear_cross_entropy"
+
+
+class TestFusedLinearDistillation(LossTester):
+    loss = "fused_linear_distillation"
+
+
+class TestInfoNce(LossTester):
+    loss = "info_nce"
+
+
+class TestKlDistillation(LossTester):
+    loss = "kl_distillation"
+
+
+class TestMlm(LossTester):
+    loss = "mlm"
+
+
+class TestSeq2seq(LossTester):
+    loss = "seq2seq"

@@ -9,6 +9,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import lossreg
 from lossreg.planning import runnable
+from loss_tester import LossTester
 
 
 def _impls(loss):
@@ -119,3 +120,14 @@ def test_bad_options_are_named(loss, bad, match):
     for impl in _impls(loss):
         with pytest.raises(ValueError, match=match):
             lossreg.get(loss).implementations[impl].fn(s, t, **kwargs)
+
+
+# ---------------------------------------------------------------- the shared tester
+class TestJsd(LossTester):
+    loss = "jsd"
+    no_oracle = "tests/plugins/test_transformers_divergences.py"
+
+
+class TestTvd(LossTester):
+    loss = "tvd"
+    no_oracle = "tests/plugins/test_transformers_divergences.py"

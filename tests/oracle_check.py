@@ -1,7 +1,7 @@
-"""Every CPU implementation and every Triton kernel (under the interpreter), in float64,
-against the independent oracles of ``tests/oracles.py``: forward on fresh random inputs
-with every option set the spec declares and on the spec's edge cases, gradients against
-central finite differences of the oracle (so neither side's autograd is trusted).
+"""Holding an implementation to its independent oracle (``tests/oracles.py``) in float64:
+forward on fresh random inputs with every option set the spec declares and on the spec's
+edge cases; gradients against central finite differences of the oracle (so neither
+side's autograd is trusted). `loss_tester.LossTester` runs these for every loss.
 """
 
 from __future__ import annotations
@@ -12,29 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lossreg.planning import runnable
-from lossreg.registry import default_registry
 from lossreg.spec import Case, UnsupportedOption
-
-from oracles import ORACLES
-
-REGISTRY = default_registry()
-#: implementations not run here: torch.compile of the reference costs ~15 s per loss
-SLOW = {"compile"}
-
-
-def _cases():
-    out = []
-    for name in sorted(ORACLES):
-        if name not in REGISTRY.losses:
-            continue
-        spec = REGISTRY.get(name)
-        for impl in spec.implementations.values():
-            if impl.name in SLOW or runnable(impl, "cpu", "float64"):
-                continue
-            out.append(pytest.param(name, impl.name, id=f"{name}:{impl.name}"))
-    return out
-
 
 def _seed(*parts) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
@@ -133,15 +111,13 @@ def _small_inputs(spec, options, seed):
     raise AssertionError(f"{spec.name}: make_inputs gives no valid inputs at n={smallest}")
 
 
-@pytest.mark.parametrize("loss,impl_name", _cases())
-def test_forward_and_gradient_against_the_oracle(loss, impl_name):
-    spec = REGISTRY.get(loss)
-    impl = spec.implementations[impl_name]
-    oracle = ORACLES[loss]
+def forward_and_gradient(spec, impl, oracle):
+    """Every option set: forward against the oracle; gradients at the first set and at
+    every ``reduction="none"`` set."""
     for j, options in enumerate(_option_sets(spec)):
-        seed = _seed(loss, j)
+        seed = _seed(spec.name, j)
         inputs = _small_inputs(spec, options, seed)
-        what = f"{loss}:{impl_name} {options}"
+        what = f"{spec.name}:{impl.name} {options}"
         try:
             out = impl.fn(**inputs, **options)
         except UnsupportedOption:
@@ -151,14 +127,10 @@ def test_forward_and_gradient_against_the_oracle(loss, impl_name):
             _check_gradients(spec, impl, inputs, options, oracle, seed, what)
 
 
-@pytest.mark.parametrize("loss,impl_name", _cases())
-def test_the_specs_edge_cases_against_the_oracle(loss, impl_name):
-    spec = REGISTRY.get(loss)
-    impl = spec.implementations[impl_name]
-    oracle = ORACLES[loss]
+def edge_cases(spec, impl, oracle):
     options = dict(spec.options)
     for name, make in spec.edge_cases.items():
-        inputs = make(Case(1, torch.float64, "cpu", seed=_seed(loss, name),
+        inputs = make(Case(1, torch.float64, "cpu", seed=_seed(spec.name, name),
                            params=spec.case_params("quick", options)))
         try:
             out = impl.fn(**inputs, **options)
@@ -166,4 +138,4 @@ def test_the_specs_edge_cases_against_the_oracle(loss, impl_name):
             continue
         with np.errstate(all="ignore"):
             expected = oracle(**_numpy(inputs), **options)
-        _close(out, expected, f"{loss}:{impl_name} edge case {name}")
+        _close(out, expected, f"{spec.name}:{impl.name} edge case {name}")
