@@ -107,6 +107,7 @@ TILE = 1024
 #: Widest row one tile holds (three operands and three gradients in registers).
 MAX_D = 4096
 REDUCTIONS = ("mean", "sum", "none")
+_ITEMSIZE = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _acc(dtype: torch.dtype):
@@ -119,10 +120,29 @@ def blocks(D: int) -> tuple[int, int]:
     return max(TILE // block_d, 1), block_d
 
 
-def num_warps(block_m: int, block_d: int) -> int:
-    """8 warps: at most 16 elements of each operand per thread. Three operands, their
-    differences and gradients at 4 warps spill (the ahead-of-time compile reports it)."""
-    return 8
+def num_warps(block_m: int, block_d: int, itemsize: int = 4) -> int:
+    """8 warps: at most 16 elements of each operand per thread (three operands, their
+    differences and gradients at 4 warps spill on the widest rows). Two-byte inputs in
+    tiles of ``TILE`` take 4 warps, so that each thread holds 8 elements per operand: one
+    128-bit load (at 8 warps a thread's 4 bfloat16 are a 64-bit load)."""
+    return 4 if itemsize == 2 and block_m * block_d <= TILE else 8
+
+
+#: registers per SM on sm_80 and sm_90
+REGS_PER_SM = 65536
+
+
+def max_registers(warps: int) -> int:
+    """The register cap (``maxnreg``) that leaves room for two resident blocks per SM.
+    Rows of ``MAX_D`` with three operands need ~145 registers at 8 warps uncapped (one
+    block per SM); capped at 128 ptxas fits them without spilling (the ahead-of-time
+    build checks that no kernel spills)."""
+    return min(255, REGS_PER_SM // (2 * 32 * warps))
+
+
+def launch_options(block_m: int, block_d: int, itemsize: int) -> dict:
+    warps = num_warps(block_m, block_d, itemsize)
+    return {"num_warps": warps, "maxnreg": max_registers(warps)}
 
 
 class _AlignedFunction(torch.autograd.Function):
@@ -136,7 +156,7 @@ class _AlignedFunction(torch.autograd.Function):
         grid = (triton.cdiv(N, block_m),)
         flags = {"TERM": inst.term, "HAS_C": c is not None, "HAS_Y": y is not None,
                  "ACC": _acc(a.dtype), "BLOCK_M": block_m, "BLOCK_D": block_d,
-                 "num_warps": num_warps(block_m, block_d)}
+                 **launch_options(block_m, block_d, a.element_size())}
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, p
         cc = a if c is None else c
         yy = a if y is None else y
@@ -247,7 +267,7 @@ class AlignedRowsLoss:
                       "ACC": tl.float64 if dtype == "fp64" else tl.float32,
                       "BLOCK_M": block_m, "BLOCK_D": block_d}
             writes = {"WRITE_A": True, "WRITE_B": True, "WRITE_C": three}
-            opts = {"num_warps": num_warps(block_m, block_d)}
+            opts = launch_options(block_m, block_d, _ITEMSIZE[dtype])
             sources += [
                 (_aligned_fwd, fwd_sig, {**common, **writes, "REDUCE": True}, opts),
                 (_aligned_fwd, fwd_sig, {**common, "REDUCE": False, "WRITE_A": False,

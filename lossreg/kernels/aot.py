@@ -165,26 +165,7 @@ REPRESENTATIVE = ("mse", "kmeans_nearest")
 #: (instance, kernel, dtype, arch, variant substring) -> why it breaks a rule today.
 #: The tests require the violations to be exactly these: a new one fails, and a fixed
 #: one must be taken off the list.
-KNOWN_VIOLATIONS = {
-    ("kmeans_nearest", "_pairwise_reduce", "fp32", "sm_80", ""):
-        "240 registers x 8 warps: 1 block/SM (IEEE float32 FMA tiles of 64x64x32)",
-    ("triplet_lp", "_aligned_fwd", "fp32", "sm_80", "BLOCK_D=4096"):
-        "rows of 4096 held in registers: 128-145 registers x 8 warps, 1 block/SM",
-    ("triplet_lp", "_aligned_bwd", "fp32", "sm_80", "BLOCK_D=4096"): "as _aligned_fwd",
-    ("triplet_lp", "_aligned_bwd", "fp32", "sm_90", "BLOCK_D=4096"): "as _aligned_fwd",
-    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=4096"): "as fp32",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=4096"): "as fp32",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=4096"): "as fp32",
-    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=64,"):
-        "4 bfloat16 per thread per row tile: 64-bit loads (needs 4 warps or 2x tiles)",
-    ("triplet_lp", "_aligned_fwd", "bf16", "sm_90", "BLOCK_D=64,"): "as sm_80",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=64,"): "as _aligned_fwd",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=64,"): "as _aligned_fwd",
-    ("triplet_lp", "_aligned_fwd", "bf16", "sm_80", "BLOCK_D=1024,"): "as BLOCK_D=64",
-    ("triplet_lp", "_aligned_fwd", "bf16", "sm_90", "BLOCK_D=1024,"): "as BLOCK_D=64",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_80", "BLOCK_D=1024,"): "as BLOCK_D=64",
-    ("triplet_lp", "_aligned_bwd", "bf16", "sm_90", "BLOCK_D=1024,"): "as BLOCK_D=64",
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, str, str, str], str] = {}
 
 
 def known_violation(entry: dict) -> str | None:
