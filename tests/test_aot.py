@@ -114,6 +114,20 @@ def test_representative_kernels_pass_on_sm80_and_sm90():
 
 
 @needs_triton
+def test_widest_and_bfloat16_aligned_rows_pass():
+    """The aligned-rows template's two hard cases, its backward (the fullest kernel):
+    three rows of 4096 per program (needs the register cap for 2 blocks/SM) and
+    bfloat16 rows of 64 (needs 4 warps for 128-bit accesses)."""
+    report, rc = _compile(["--instance", "triplet_lp", "--kernel", "_aligned_bwd",
+                           "--variant", "BLOCK_D=4096", "--variant", "BLOCK_D=64,",
+                           "--dtype", "bf16"])
+    assert len(report) == 4 and {e["arch"] for e in report} == {"sm_80", "sm_90"}
+    assert not violations(report), "\n".join(violations(report))
+    assert all(aot.vector_rule(e) == "loads+stores" for e in report)
+    assert rc == 0
+
+
+@needs_triton
 @pytest.mark.slow
 @pytest.mark.skipif(not DEEP, reason="the whole matrix: LOSSREG_DEEP_TESTS=1")
 @pytest.mark.parametrize("arch", [80, 90])

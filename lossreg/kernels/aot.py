@@ -1,7 +1,7 @@
 """Compile every template kernel ahead of time for NVIDIA targets and read the cubins.
 
     python -m lossreg.kernels.aot [--arch 80 --arch 90] [--dtype fp32] [--instance mse]
-                                  [--json]
+                                  [--kernel NAME] [--variant BLOCK_D=4096] [--json]
 
 Kernels must be defined with ``TRITON_INTERPRET=0``; when it is not so, ``main``
 starts itself again in a fresh interpreter with it. It loads every plugin, asks each
@@ -236,7 +236,8 @@ def describe(compiled, cc: int) -> dict:
             "ptx_bytes": len(compiled.asm["ptx"]), "cubin_bytes": len(cubin)}
 
 
-def compile_all(archs=(80, 90), dtypes=DTYPES, instances=None, kernels=None) -> list[dict]:
+def compile_all(archs=(80, 90), dtypes=DTYPES, instances=None, kernels=None,
+                variants=None) -> list[dict]:
     from lossreg.kernels import template_instances
     from lossreg.registry import default_registry
 
@@ -251,6 +252,8 @@ def compile_all(archs=(80, 90), dtypes=DTYPES, instances=None, kernels=None) -> 
                     continue
                 variant = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
                                    if isinstance(v, (bool, int)) and k.isupper())
+                if variants and not any(v in variant for v in variants):
+                    continue
                 for cc in archs:
                     entry = {"instance": inst.name, "kernel": kernel.__name__, "dtype": dtype,
                              "arch": f"sm_{cc}", "variant": variant}
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", action="append", choices=DTYPES)
     ap.add_argument("--instance", action="append", help="only this template instance")
     ap.add_argument("--kernel", action="append", help="only this kernel (function name)")
+    ap.add_argument("--variant", action="append",
+                    help="only variants whose constexprs contain this, e.g. BLOCK_D=4096")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "0":
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
         return subprocess.run([sys.executable, "-m", "lossreg.kernels.aot", *argv],
                               env=env).returncode
     report = compile_all(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES),
-                         args.instance, args.kernel)
+                         args.instance, args.kernel, args.variant)
     if args.json:
         print(json.dumps(report))
     else:
