@@ -15,9 +15,11 @@ floats (0 without labels), ``p0..p3`` scalar options. It returns the ``[BLOCK_M]
 losses and the gradient tiles of each row loss w.r.t. its rows (``dc`` is ignored for
 two operands). Row reductions are ``tl.sum(..., axis=1)``.
 
-As in the pointwise and row-wise templates, ``mean``/``sum`` write the gradients in the
-forward (each input read once, each gradient written once; the backward only rescales
-them when the incoming gradient is not 1) and ``none`` recomputes them in the backward,
+As in the pointwise template, ``mean``/``sum`` are one launch: the forward writes the
+gradients (each input read once, each gradient written once) and the last program adds
+the row tiles' partial sums into the loss (no second launch, no host sync); the
+backward is one launch of a few programs that read the incoming gradient on the device
+and return when it is 1 (else they rescale the gradients in place) and ``none`` recomputes them in the backward,
 scaled by the incoming gradient. Gradients are written only for the operands that
 require them (compile-time flags).
 
@@ -34,10 +36,13 @@ import torch
 
 from . import HAVE_TRITON, TEMPLATE_INSTANCES
 from ._guard import quiet
+from .pointwise import RBLOCK, launch_counter, scale_grid
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .pointwise import _finish_sum, _scale_unless_one
 
     @triton.jit
     def _aligned_eval(
@@ -65,22 +70,25 @@ if HAVE_TRITON:
 
     @triton.jit
     def _aligned_fwd(
-        A, B, C, Y, OUT, DA, DB, DC, N, D, denom, p0, p1, p2, p3,
+        A, B, C, Y, OUT, PART, COUNT, DA, DB, DC, N, D, denom, p0, p1, p2, p3,
         TERM: tl.constexpr, HAS_C: tl.constexpr, HAS_Y: tl.constexpr, REDUCE: tl.constexpr,
         WRITE_A: tl.constexpr, WRITE_B: tl.constexpr, WRITE_C: tl.constexpr,
         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        RBLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         loss, da, db, dc, rows, row_ok, offs, valid = _aligned_eval(
             A, B, C, Y, pid, N, D, p0, p1, p2, p3, TERM, HAS_C, HAS_Y, ACC, BLOCK_M, BLOCK_D)
         if REDUCE:
-            tl.store(OUT + pid, tl.sum(loss, axis=0))
+            tl.store(PART + pid, tl.sum(loss, axis=0))
             if WRITE_A:
                 tl.store(DA + offs, (da / denom).to(DA.dtype.element_ty), mask=valid)
             if WRITE_B:
                 tl.store(DB + offs, (db / denom).to(DB.dtype.element_ty), mask=valid)
             if WRITE_C:
                 tl.store(DC + offs, (dc / denom).to(DC.dtype.element_ty), mask=valid)
+            # the last program adds the partials: the loss is final when the kernel ends
+            _finish_sum(PART, COUNT, OUT, denom, ACC, RBLOCK)
         else:
             tl.store(OUT + rows, loss.to(OUT.dtype.element_ty), mask=row_ok)
 
@@ -107,6 +115,8 @@ TILE = 1024
 #: Widest row one tile holds (three operands and three gradients in registers).
 MAX_D = 4096
 REDUCTIONS = ("mean", "sum", "none")
+#: elements per step of the in-place gradient scale (the pointwise template's block)
+SCALE_BLOCK = 4096
 _ITEMSIZE = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -164,8 +174,9 @@ class _AlignedFunction(torch.autograd.Function):
             out = torch.empty(N, dtype=a.dtype, device=a.device)
             if N:
                 with quiet():
-                    _aligned_fwd[grid](a, b, cc, yy, out, a, b, cc, N, D, 1, *p, REDUCE=False,
-                                       WRITE_A=False, WRITE_B=False, WRITE_C=False, **flags)
+                    _aligned_fwd[grid](a, b, cc, yy, out, out, out, a, b, cc, N, D, 1, *p,
+                                       REDUCE=False, WRITE_A=False, WRITE_B=False,
+                                       WRITE_C=False, RBLOCK=RBLOCK, **flags)
             ctx.save_for_backward(a, b, c, y)
             return out
         need = ctx.needs_input_grad[:3]
@@ -176,16 +187,16 @@ class _AlignedFunction(torch.autograd.Function):
         partial = torch.empty(max(grid[0], 1), dtype=part_dtype, device=a.device)
         if N:
             targets = [g if g is not None else t for g, t in zip(grads, (a, b, cc))]
+            total = torch.empty((), dtype=a.dtype, device=a.device)
             with quiet():
-                _aligned_fwd[grid](a, b, cc, yy, partial, *targets, N, D, denom, *p,
-                                   REDUCE=True, WRITE_A=grads[0] is not None,
-                                   WRITE_B=grads[1] is not None, WRITE_C=grads[2] is not None,
-                                   **flags)
-            total = partial.sum() / denom
+                _aligned_fwd[grid](a, b, cc, yy, total, partial, launch_counter(a.device),
+                                   *targets, N, D, denom, *p, REDUCE=True,
+                                   WRITE_A=grads[0] is not None, WRITE_B=grads[1] is not None,
+                                   WRITE_C=grads[2] is not None, RBLOCK=RBLOCK, **flags)
         else:  # torch semantics: the mean of nothing is nan, the sum is 0
-            total = partial.new_full((), float("nan") if reduction == "mean" else 0.0)
+            total = a.new_full((), float("nan") if reduction == "mean" else 0.0)
         ctx.save_for_backward(*grads)
-        return total.to(a.dtype)
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -206,10 +217,16 @@ class _AlignedFunction(torch.autograd.Function):
                                        WRITE_B=grads[1] is not None,
                                        WRITE_C=grads[2] is not None, **ctx.flags)
         else:
+            # computed in the forward for an incoming gradient of 1: one launch of a few
+            # programs that read the gradient on the device and return (no host sync)
             grads = list(ctx.saved_tensors)
-            # computed in the forward for an incoming gradient of 1
-            if not bool(grad_out == 1):
-                grads = [None if g is None else g.mul_(grad_out) for g in grads]
+            g1 = grad_out.reshape(1).contiguous()
+            with quiet():
+                for t in grads:
+                    if t is not None and t.numel():
+                        _scale_unless_one[(scale_grid(t.device, triton.cdiv(
+                            t.numel(), SCALE_BLOCK)),)](t, g1, t.numel(), ACC=_acc(t.dtype),
+                                                       BLOCK=SCALE_BLOCK, num_warps=8)
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
@@ -253,8 +270,8 @@ class AlignedRowsLoss:
         for each width in ``aot_widths`` (the tile shape depends on D)."""
         acc = "fp64" if dtype == "fp64" else "fp32"
         p = f"*{dtype}"
-        fwd_sig = {"A": p, "B": p, "C": p, "Y": p, "OUT": f"*{acc}", "DA": p, "DB": p,
-                   "DC": p, "N": "i64", "D": "i32", "denom": "i64", "p0": "fp32",
+        fwd_sig = {"A": p, "B": p, "C": p, "Y": p, "OUT": p, "PART": f"*{acc}",
+                   "COUNT": "*i32", "DA": p, "DB": p, "DC": p, "N": "i64", "D": "i32", "denom": "i64", "p0": "fp32",
                    "p1": "fp32", "p2": "fp32", "p3": "fp32"}
         bwd_sig = {"A": p, "B": p, "C": p, "Y": p, "G": p, "DA": p, "DB": p, "DC": p,
                    "N": "i64", "D": "i32", "p0": "fp32", "p1": "fp32", "p2": "fp32",
@@ -269,9 +286,11 @@ class AlignedRowsLoss:
             writes = {"WRITE_A": True, "WRITE_B": True, "WRITE_C": three}
             opts = launch_options(block_m, block_d, _ITEMSIZE[dtype])
             sources += [
-                (_aligned_fwd, fwd_sig, {**common, **writes, "REDUCE": True}, opts),
+                (_aligned_fwd, fwd_sig, {**common, **writes, "REDUCE": True,
+                                         "RBLOCK": RBLOCK}, opts),
                 (_aligned_fwd, fwd_sig, {**common, "REDUCE": False, "WRITE_A": False,
-                                         "WRITE_B": False, "WRITE_C": False}, opts),
+                                         "WRITE_B": False, "WRITE_C": False,
+                                         "RBLOCK": RBLOCK}, opts),
                 (_aligned_bwd, bwd_sig, {**common, **writes}, opts),
             ]
         return sources
