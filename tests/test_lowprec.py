@@ -3,9 +3,10 @@
 
 `OnePercentWrong` is the reference with its output scaled by 1.01 (so its gradients
 too). Every dtype's check must reject it, for a representative set of losses that
-includes every loss whose 16-bit tolerance was widened (`WIDENED`): there the norm
-tolerance alone would let it through, and `lossreg.lowprec.systematic_error` (a fitted
-common factor beyond rounding) is what rejects it.
+includes every loss whose 16-bit tolerance was widened (`WIDENED`): in bfloat16 (rtol
+2e-2) and at a widened tolerance the norm alone would let it through, and
+`lossreg.lowprec.systematic_error` (a fitted common factor beyond rounding) is what
+rejects it.
 """
 
 import pytest
@@ -22,8 +23,39 @@ REPRESENTATIVE = ["mse", "cross_entropy", "nll", "hinge", "bce_with_logits", "wc
                   *WIDENED]
 
 
+class _OnePercentValue(torch.autograd.Function):
+    """x * 1.01 formed in float32 and rounded once; the gradient passes through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return (x.float() * 1.01).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _OnePercentGrad(torch.autograd.Function):
+    """x itself; the gradient g * 1.01, formed in float32 and rounded once. (In a 16-bit
+    dtype ``out * 1.01`` would round the factor itself into the cotangent, bfloat16
+    1.0078, and test a 0.8% error, not a 1% one.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.float() * 1.01).to(g.dtype)
+
+
 def one_percent_wrong(spec) -> Impl:
-    return Impl("one_percent_wrong", lambda **kw: spec.reference(**kw) * 1.01)
+    """The reference with its output and every input's gradient 1% too large."""
+    def fn(**kw):
+        kw = {k: _OnePercentGrad.apply(v) if torch.is_tensor(v) and v.requires_grad else v
+              for k, v in kw.items()}
+        return _OnePercentValue.apply(spec.reference(**kw))
+    return Impl("one_percent_wrong", fn)
 
 
 def _rows(spec, impl, dtype, options, seeds=(0, 1, 2)):
@@ -39,17 +71,20 @@ def _rows(spec, impl, dtype, options, seeds=(0, 1, 2)):
     return out
 
 
+#: (loss, dtype) whose 1%-wrong implementation the check cannot yet reject: open
+UNRESOLVED = {
+    # the mean gradient's norm sits on ~32 elements (the targets' p - 1), whose bfloat16
+    # spacing (0.8%) rounds a 1% factor to 0.7% on average, within one unit roundoff
+    # plus four standard errors of a 32-element fit
+    ("cross_entropy", "bfloat16"): "a 1% factor on 32 bfloat16 values is not resolvable",
+}
+
+
 def _fixture_params():
     for name in REPRESENTATIVE:
         for dtype in DTYPES:
-            marks = ()
-            if dtype == "bfloat16" and dtype not in WIDENED.get(name, ()):
-                # the default bfloat16 tolerance (rtol 2e-2, and an absolute floor of 4e-3
-                # above every element of a mean-reduced gradient) cannot reject a 1% error;
-                # the common-factor fit would (beta 0.007-0.008 against a correct
-                # reference's 0.001-0.002) but is not yet applied at default tolerances
-                marks = pytest.mark.xfail(strict=True, reason="bfloat16 default tolerance "
-                                          "is wider than 1%: see docs/numerics.md")
+            reason = UNRESOLVED.get((name, dtype))
+            marks = pytest.mark.xfail(strict=True, reason=reason) if reason else ()
             yield pytest.param(name, dtype, marks=marks, id=f"{name}-{dtype}")
 
 
@@ -105,8 +140,22 @@ def test_common_factor_fit():
     assert lowprec.systematic_error(torch.bfloat16, ref + noise, ref, 0.2) == ""
     assert "common factor" in lowprec.systematic_error(torch.bfloat16, ref * 1.01 + noise,
                                                        ref, 0.2)
-    assert lowprec.systematic_error(torch.bfloat16, ref * 1.01, ref, 2e-2) == ""
+    # the default bfloat16 rtol (2e-2) passes a 1% factor on the norm: the fit rejects it
+    assert "common factor" in lowprec.systematic_error(torch.bfloat16, ref * 1.01, ref, 2e-2)
+    # ... unless the result passed only on the absolute floor (noise near zero)
+    assert lowprec.systematic_error(torch.bfloat16, ref * 1.01, ref, 2e-2,
+                                    by_rtol=False) == ""
+    assert "common factor" in lowprec.systematic_error(torch.bfloat16, ref * 1.01, ref, 0.2,
+                                                       by_rtol=False)
+    # below an rtol of 1% the norm rejects a 1% factor by itself
+    assert lowprec.systematic_error(torch.float16, ref * 1.01, ref, 2e-3) == ""
     assert lowprec.systematic_error(torch.float32, ref * 1.01, ref, 1.0) == ""
+    # a shared value rounded (nll's -1/n): within one unit roundoff, passes; 1% fails
+    shared = torch.full((1000,), -1 / 999, dtype=torch.float64)
+    assert lowprec.systematic_error(torch.bfloat16, shared.bfloat16().double(), shared,
+                                    2e-2) == ""
+    assert "common factor" in lowprec.systematic_error(torch.bfloat16, shared * 1.01,
+                                                       shared, 2e-2)
     # one element carrying the norm: its rounding is no common factor
     spike = torch.full((100,), 1e-3, dtype=torch.float64)
     spike[0] = 10.0
