@@ -215,6 +215,12 @@ def multiclass_hinge_torch(input, target, p=1, margin=1.0, weight=None, reductio
     _validate_multiclass(input, target, p, margin, weight, reduction)
     if input.shape[0] == 0:  # torch's multi_margin_loss returns garbage for no rows
         return multiclass_hinge_reference(input, target, p, margin, weight, reduction)
+    if input.device.type == "cpu" and input.dtype in (torch.bfloat16, torch.float16):
+        # torch has no 16-bit multi_margin_loss on a CPU: the same op on float32 copies,
+        # rounded back (CUDA runs it in the dtype)
+        w = None if weight is None else weight.float()
+        return F.multi_margin_loss(input.float(), target, p=p, margin=margin, weight=w,
+                                   reduction=reduction).to(input.dtype)
     return F.multi_margin_loss(input, target, p=p, margin=margin, weight=weight,
                                reduction=reduction)
 
