@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 
 from lossreg import Impl, LossSpec, hookimpl
+from lossreg.kernels import grpo as grpo_kernel
+from lossreg.kernels.traffic import streamed
 from lossreg.validate import (
     check_choice,
     check_float,
@@ -95,21 +97,15 @@ def per_sequence(lp, old, ref, adv, keep, o):
 def divisor(keep, o):
     """What ``mean`` divides the sum of :func:`per_sequence` by."""
     n, seq = keep.shape[-2], keep.shape[-1]
-    kind = o["loss_type"]
-    if kind == "grpo":
-        return n
-    if kind == "dr_grpo":
-        return n * (o["max_completion_length"] or seq)
-    if kind == "dapo" and o["num_tokens"] is not None:
-        return o["num_tokens"]
-    return keep.sum().clamp(min=1)
+    kind, tokens = o["loss_type"], o["num_tokens"]
+    if kind in ("grpo", "dr_grpo"):
+        return n if kind == "grpo" else n * (o["max_completion_length"] or seq)
+    return tokens if kind == "dapo" and tokens is not None else keep.sum().clamp(min=1)
 
 
 def _reduce(per_seq, div, reduction):
-    if reduction == "none":
-        return per_seq
     total = per_seq.sum()
-    return total / div if reduction == "mean" else total
+    return per_seq if reduction == "none" else total / div if reduction == "mean" else total
 
 
 # ---------------------------------------------------------------- grpo
@@ -139,15 +135,21 @@ def _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reducti
                          f"completions is no multiple of group_size={o['group_size']}")
 
 
+def _options(group_size, beta, epsilon_low, epsilon_high, loss_type, max_completion_length,
+             num_tokens, scale_rewards):
+    return dict(group_size=group_size, beta=beta, epsilon_low=epsilon_low,
+                epsilon_high=epsilon_high, loss_type=loss_type,
+                max_completion_length=max_completion_length, num_tokens=num_tokens,
+                scale_rewards=scale_rewards)
+
+
 def _grpo(wide_of):
     def fn(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, group_size=4,
            beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
            max_completion_length=None, num_tokens=None, scale_rewards=True,
            reduction="mean"):
-        o = dict(group_size=group_size, beta=beta, epsilon_low=epsilon_low,
-                 epsilon_high=epsilon_high, loss_type=loss_type,
-                 max_completion_length=max_completion_length, num_tokens=num_tokens,
-                 scale_rewards=scale_rewards)
+        o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
+                     max_completion_length, num_tokens, scale_rewards)
         _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
         dtype = log_probs.dtype
         wide = wide_of(dtype)
@@ -159,6 +161,50 @@ def _grpo(wide_of):
         return _reduce(per_seq, div, reduction).to(dtype)
 
     return fn
+
+
+def grpo_torch(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, group_size=4,
+               beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+               max_completion_length=None, num_tokens=None, scale_rewards=True,
+               reduction="mean"):
+    """Torch built-ins in float32 (float64 for float64); masked tokens zeroed before
+    any exp, the clipped branch detached (0 gradient where it wins), k3 = expm1(d) - d."""
+    o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
+                 max_completion_length, num_tokens, scale_rewards)
+    _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
+    dtype = log_probs.dtype
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    keep = mask != 0
+    lp = log_probs.to(wide).masked_fill(~keep, 0.0)
+    old = old_log_probs.detach().to(wide).masked_fill(~keep, 0.0)
+    adv = advantages(rewards.to(wide), group_size, scale_rewards)[:, None]
+    ratio = torch.exp(lp - old)
+    un = ratio * adv
+    cl = ratio.detach().clamp(1 - epsilon_low, 1 + epsilon_high) * adv
+    tok = -torch.where(un <= cl, un, cl)
+    if beta:
+        d = ref_log_probs.detach().to(wide).masked_fill(~keep, 0.0) - lp
+        tok = tok + beta * (torch.expm1(d) - d)
+    per_seq = tok.masked_fill(~keep, 0.0).sum(dim=1)
+    if loss_type == "grpo":
+        per_seq = per_seq / keep.sum(dim=1).clamp(min=1).to(wide)
+    return _reduce(per_seq, divisor(keep, o), reduction).to(dtype)
+
+
+def grpo_triton(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, group_size=4,
+                beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+                max_completion_length=None, num_tokens=None, scale_rewards=True,
+                reduction="mean"):
+    o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
+                 max_completion_length, num_tokens, scale_rewards)
+    _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
+    wide = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    adv = advantages(rewards.to(wide), group_size, scale_rewards)
+    div = divisor(mask != 0, o) if reduction == "mean" else 1
+    return grpo_kernel.GRPO(log_probs, old_log_probs, ref_log_probs if beta else None, adv,
+                            mask, beta=float(beta), low=1 - epsilon_low,
+                            high=1 + epsilon_high, div=div,
+                            per_seq_mean=loss_type == "grpo", reduction=reduction)
 
 
 #: the formula as written, in the inputs' dtype (float32 for 16-bit: rounding rho to 8
@@ -201,10 +247,8 @@ def _fused(mode):
            max_completion_length=None, num_tokens=None, scale_rewards=True,
            ignore_index=-100, reduction="mean"):
         name = "fused_linear_grpo"
-        o = dict(group_size=group_size, beta=beta, epsilon_low=epsilon_low,
-                 epsilon_high=epsilon_high, loss_type=loss_type,
-                 max_completion_length=max_completion_length, num_tokens=num_tokens,
-                 scale_rewards=scale_rewards)
+        o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
+                     max_completion_length, num_tokens, scale_rewards)
         fl.validate(HEAD, hidden, weight, target, None, None, ignore_index, reduction)
         check_float(name, hidden=hidden, old_log_probs=old_log_probs, rewards=rewards)
         check_shape(name, "old_log_probs", old_log_probs, target.shape, "the shape of target")
@@ -275,7 +319,13 @@ CITATION = ("Shao et al. (2024), DeepSeekMath (GRPO); Liu et al. (2025), Underst
 CHECKS = [{"reduction": "sum"}, {"reduction": "none"}, {"loss_type": "bnpo"},
           {"loss_type": "dr_grpo", "scale_rewards": False, "reduction": "none"},
           {"loss_type": "dapo", "epsilon_high": 0.28, "beta": 0.0},
-          {"loss_type": "dapo", "num_tokens": 1000, "reduction": "sum"}]
+          {"loss_type": "dapo", "num_tokens": 1000}]  # num_tokens acts on mean only
+
+
+TOL = {"float32": (5e-5, 5e-7)}
+TOL_WHY = (" Float32 rtol 5e-5: the advantages of a group sum to zero, so the terms of "
+           "its tokens cancel and the formula as written in float32 is up to ~3e-5 "
+           "(relative) off its float64 value.")
 
 
 def _far_off(case):
@@ -296,7 +346,8 @@ def register_losses(register):
     register(LossSpec(
         name="grpo", family="rl", title="Group relative policy optimization",
         formula=GRPO_FORMULA,
-        description=__doc__.split("\n\n", 1)[1].replace("\n", " "),
+        description=__doc__.split("\n\n", 1)[1].replace("\n", " ") + TOL_WHY,
+        tolerances=TOL,
         citation=CITATION, reference=grpo_reference, make_inputs=grpo_inputs,
         options={**OPTIONS, "reduction": "mean"}, check_options=CHECKS,
         grad_inputs=("log_probs",), x_name="groups",
@@ -315,7 +366,8 @@ def register_losses(register):
             "and the lm head weight (V, H) at the completion tokens target (N, T) "
             "(ignore_index elsewhere: the completion mask), chunked over sequences, never "
             "the full logits, gradients in the forward. The rollout and reference policies' "
-            "log-probs (N, T) are given, as trainers keep them."),
+            "log-probs (N, T) are given, as trainers keep them." + TOL_WHY),
+        tolerances=TOL,
         citation=CITATION, reference=fused_grpo_reference, make_inputs=fused_grpo_inputs,
         options={**OPTIONS, "ignore_index": -100, "reduction": "mean"},
         check_options=CHECKS[:3] + [CHECKS[3], CHECKS[4]],
@@ -331,6 +383,12 @@ def register_losses(register):
 
 @hookimpl
 def register_implementations(register):
+    register("grpo", Impl("torch", grpo_torch, kind="baseline", description="torch built-ins"))
+    register("grpo", Impl(
+        "triton", grpo_triton, backend="triton", devices=("cuda",), grad_in_forward=True,
+        requires=("triton",), bytes_model=streamed("log_probs", skip=("rewards",)),
+        description="one pass over the tokens (a mask count first for loss_type grpo), "
+                    "gradient in the forward"))
     register("fused_linear_grpo", Impl("eager", fused_grpo_eager, kind="baseline",
                                        description="all logits at once, F.cross_entropy"))
     register("fused_linear_grpo", Impl(

@@ -144,3 +144,44 @@ def test_every_implementation_passes_check_in_bfloat16():
     bad = df[df.status.isin(["fail", "error"])]
     assert bad.empty, bad[["loss", "impl", "check", "n", "params", "message"]].to_string()
     assert set(df.loss) == {"grpo", "fused_linear_grpo"}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_and_triton_match_the_token_loop(impl, dtype):
+    """Every loss type and reduction, beta on and off, clipped tokens on both sides; the
+    ``none`` backward with a random incoming gradient; float64 to the last bits, float32
+    to its rounding (the group's terms cancel: compared relative to the terms' scale)."""
+    fn = lossreg.get("grpo").implementations[impl].fn
+    x = make(n=3, tokens=45, seed=11)  # 45 tokens: no multiple of the kernel's blocks
+    x["log_probs"][:, ::3] = x["old_log_probs"][:, ::3] + 0.7
+    x["log_probs"][:, 1::4] = x["old_log_probs"][:, 1::4] - 0.7
+    x["mask"][0, 5:9] = True
+    n = {k: v.numpy() for k, v in x.items()}
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    gen = torch.Generator().manual_seed(3)
+    for loss_type in LOSS_TYPES:
+        for beta in (0.04, 0.0):
+            want, dwant = np_grpo(n["log_probs"], n["old_log_probs"], n["ref_log_probs"],
+                                  n["rewards"], n["mask"], 4, beta, 0.2, 0.28, loss_type)
+            dscale = np.abs(dwant).max()
+            for reduction in ("mean", "sum", "none"):
+                lp = x["log_probs"].to(dtype).requires_grad_(True)
+                out = fn(**{**{k: v.to(dtype) if v.is_floating_point() else v
+                               for k, v in x.items()}, "log_probs": lp},
+                         beta=beta, epsilon_high=0.28, loss_type=loss_type,
+                         reduction=reduction)
+                g = (torch.randn(out.shape, generator=gen, dtype=torch.float64)
+                     if reduction == "none" else torch.tensor(1.5, dtype=torch.float64))
+                (grad,) = torch.autograd.grad(out, lp, g.to(dtype))
+                div = {"grpo": 12, "bnpo": n["mask"].sum(), "dapo": n["mask"].sum(),
+                       "dr_grpo": 12 * 45}[loss_type]
+                total = out.double().sum().item() if reduction == "none" else out.item()
+                np.testing.assert_allclose(total, want * (1 if reduction == "mean" else div),
+                                           rtol=tol * 20)
+                # d(each sequence's share) = d(mean) * div, times its incoming gradient
+                rows = g.numpy()[:, None] if reduction == "none" else g.item()
+                dw = dwant * (1 if reduction == "mean" else div) * rows
+                err = np.abs(grad.double().numpy() - dw).max() / np.abs(dw).max()
+                assert err < tol, (loss_type, beta, reduction, err)
+                assert not grad[~x["mask"]].any()  # masked tokens: exactly 0
