@@ -7,10 +7,10 @@ rounding moves a value by at most one unit roundoff ``u`` (bfloat16 2^-8, float1
 of ~5 rounded to bfloat16, then a hinge on a difference of two such distances near 0)
 that noise reaches several percent and the spec declares a wider tolerance with the
 reason in its description. A tolerance of 1% or more (bfloat16's default rtol 2e-2,
-every widened one) must not let a wrong implementation through: an output or gradient that is off by a common factor (a missing or doubled
-scale, a 1/n taken as 1/(n-1)) is not noise, whatever the loss's conditioning. So every
-such 16-bit verdict also fits ``out = (1 + beta) ref`` by least
-squares and fails when ``|beta|`` exceeds what rounding explains: one unit roundoff (a
+every widened one) must not let a wrong implementation through: an output or gradient
+that is off by a common factor (a missing or doubled scale, a 1/n taken as 1/(n-1)) is
+not noise, whatever the loss's conditioning. So every such 16-bit verdict also fits
+``out = (1 + beta) ref`` by least squares and fails when ``|beta|`` exceeds what rounding explains: one unit roundoff (a
 rounded shared scalar, such as 1/n, scales every element alike) plus four standard
 errors of the fit (heteroscedastic: rounding noise grows with the value). At a widened
 tolerance this holds even where the absolute floor ``atol`` would pass the result (a
