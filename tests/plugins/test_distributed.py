@@ -187,6 +187,7 @@ sharding.run_sharded(api.bench, out=sys.argv[1], names=["mse", "bce", "huber", "
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LOSSREG_DEEP_TESTS") != "1" or TORCHRUN is None,
                     reason="the torchrun bench takes minutes here: LOSSREG_DEEP_TESTS=1")
 def test_torchrun_bench_writes_one_run(tmp_path):

@@ -1,7 +1,7 @@
 """orpo, cpo, simpo, kto (plugins/preference*.py): the references against the papers'
 formulas written here in numpy on tiny hand-made batches (values and analytic
 gradients), and every implementation through the harness's check in bfloat16 (the
-conformance test runs float32), Triton under the interpreter."""
+`LossTester`s run float32), Triton under the interpreter."""
 
 import os
 

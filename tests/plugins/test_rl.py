@@ -1,6 +1,6 @@
 """Numerics and validation of the rl family (reward_bt, dpo, ppo_clip, q_td), for every
-implementation of each loss, Triton included (under the interpreter on CPU). The
-generic contract over all losses lives in test_conformance.
+implementation of each loss, Triton included (under the interpreter on CPU); the
+standard per-loss tests are its `LossTester`s (``tests/loss_tester.py``).
 
 Expected values are float64 computations written here, independently of the plugin's
 references: the trainers' formulas (TRL's DPO variants, Llama 2's margin), per-row
