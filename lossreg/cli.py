@@ -261,10 +261,14 @@ def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeo
         df = _run(run_sharded, run_bench, out=out, plots=not no_plots,
                   names=list(names) or None, device=device, dtypes=dtypes or None,
                   impls=impls or None, sizes=sizes, budget=budget, rounds=rounds,
-                  case_timeout=case_timeout,
-                  echo=click.echo if info.rank == 0 else (lambda *a, **k: None))
+                  case_timeout=case_timeout)
         if info.rank != 0:
             sys.exit(0)
+        from .api import status_counts, summary
+
+        click.echo(summary(df))
+        click.echo(f"\n{len(df)} rows from {info.world_size} ranks ({status_counts(df)}) -> "
+                   f"{df.attrs.get('location')}")
     else:
         df = _run(run_bench, list(names) or None, device=device, dtypes=dtypes or None,
                   impls=impls or None, sizes=sizes, budget=budget, out=out,
