@@ -70,15 +70,68 @@ def _mean_over_kept(total: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
         empty, torch.full_like(denom, float("nan")), torch.zeros_like(denom))
 
 
+def validate_ce_extras(loss: str, input, softcap=None, shift=False, return_z_loss=False,
+                       return_lse=False):
+    """The options of issue 20 beyond torch's: softcap, shift, the returned extras."""
+    if softcap is not None and (isinstance(softcap, bool) or not float(softcap) > 0):
+        raise ValueError(f"{loss}: softcap must be None or a number > 0, got {softcap!r}")
+    for name, v in (("shift", shift), ("return_z_loss", return_z_loss),
+                    ("return_lse", return_lse)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{loss}: {name} must be True or False, got {v!r}")
+    if shift and input.shape[0] < 2:
+        raise ValueError(f"{loss}: shift needs at least 2 rows (row i predicts target i+1), "
+                         f"got {input.shape[0]}")
+
+
+def softcapped(x, softcap):
+    """c tanh(x / c) (Gemma 2's logit soft-capping); x itself when softcap is None."""
+    return softcap * torch.tanh(x / softcap) if softcap else x
+
+
+def _reduce_rows(rows, reduction, denom):
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else _mean_over_kept(rows.sum(), denom)
+
+
+def with_extras(out, lse, keep, denom, z_loss, reduction, return_z_loss, return_lse):
+    """(loss, [z-loss part], [lse]): the z-loss part (z lse^2 per kept row) reduced like
+    the loss (``mean``: over ``denom``, the kept rows' class weight), lse per row; both
+    detached, in the loss's dtype. The loss alone when neither is asked for."""
+    if not (return_z_loss or return_lse):
+        return out
+    lse = lse.detach()
+    result = [out]
+    if return_z_loss:
+        rows = z_loss * lse * lse * keep
+        result.append(_reduce_rows(rows, reduction, denom.detach()).to(out.dtype))
+    if return_lse:
+        result.append(lse.to(out.dtype))
+    return tuple(result)
+
+
+def _kept_denom(target, keep, weight, dtype):
+    if weight is None:
+        return keep.sum().to(dtype)
+    return (weight.to(dtype)[torch.where(keep, target, 0)] * keep).sum()
+
+
 def ce_reference(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                 z_loss=0.0, reduction="mean"):
-    """The formula, with torch's weighting, ignore_index and label-smoothing rules."""
+                 z_loss=0.0, reduction="mean", softcap=None, shift=False, return_z_loss=False,
+                 return_lse=False):
+    """The formula, with torch's weighting, ignore_index and label-smoothing rules;
+    ``shift`` scores row i against target i+1 (the last row dropped)."""
     validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
                 reduction)
+    validate_ce_extras("cross_entropy", input, softcap, shift, return_z_loss, return_lse)
+    if shift:
+        input, target = input[:-1], target[1:]
     n_cls = input.shape[1]
     out_dtype = input.dtype
     if input.dtype in (torch.float16, torch.bfloat16):  # half-precision log-softmax is lossy
         input = input.float()
+    input = softcapped(input, softcap)
     lse = torch.logsumexp(input, dim=1)
     logp = torch.log_softmax(input, dim=1)  # (x - max) - log-sum: exact at logits of 1e4
     keep = target != ignore_index
@@ -91,48 +144,74 @@ def ce_reference(input, target, weight=None, ignore_index=-100, label_smoothing=
     loss = (1 - label_smoothing) * nll + label_smoothing / n_cls * smooth
     if z_loss:
         loss = loss + z_loss * lse**2 * keep
-    if reduction == "none":
-        return loss.to(out_dtype)
-    if reduction == "sum":
-        return loss.sum().to(out_dtype)
-    return _mean_over_kept(loss.sum(), w_y.sum()).to(out_dtype)
+    out = _reduce_rows(loss, reduction, w_y.sum()).to(out_dtype)
+    return with_extras(out, lse, keep, w_y.sum(), z_loss, reduction, return_z_loss,
+                       return_lse)
+
+
+def _wide(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def ce_torch(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-             reduction="mean"):
-    """F.cross_entropy, plus the z-loss term computed alongside when asked for."""
+             reduction="mean", softcap=None, shift=False, return_z_loss=False,
+             return_lse=False):
+    """F.cross_entropy on the (soft-capped, row-shifted) logits, plus the z-loss term
+    computed alongside when asked for (lse at least in float32)."""
     validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
                 reduction)
+    validate_ce_extras("cross_entropy", input, softcap, shift, return_z_loss, return_lse)
+    if shift:
+        input, target = input[:-1], target[1:]
+    if softcap:  # tanh in float32 for 16-bit logits, the capped logits in their dtype
+        input = softcapped(input.to(_wide(input.dtype)), softcap).to(input.dtype)
     out = F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
                           label_smoothing=label_smoothing, reduction=reduction)
-    if not z_loss:
+    if not (z_loss or return_z_loss or return_lse):
         return out
     keep = target != ignore_index
-    # at least float32 (16-bit logits are widened, as the reference does); float64 stays
-    wide = torch.float64 if input.dtype == torch.float64 else torch.float32
-    z = z_loss * torch.logsumexp(input.to(wide), dim=1) ** 2 * keep
-    if reduction == "none":
-        return out + z.to(out.dtype)
-    if reduction == "sum":
-        return out + z.sum().to(out.dtype)
-    y = torch.where(keep, target, torch.zeros_like(target))
-    denom = (weight.to(wide)[y] * keep).sum() if weight is not None else keep.sum().to(wide)
-    return out + _mean_over_kept(z.sum(), denom).to(out.dtype)
+    wide = _wide(input.dtype)
+    lse = torch.logsumexp(input.to(wide), dim=1)
+    denom = _kept_denom(target, keep, weight, wide)
+    if z_loss:
+        out = out + _reduce_rows(z_loss * lse**2 * keep, reduction, denom).to(out.dtype)
+    return with_extras(out, lse, keep, denom, z_loss, reduction, return_z_loss, return_lse)
 
 
 def ce_triton(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-              reduction="mean", inplace_backward=False):
+              reduction="mean", softcap=None, shift=False, return_z_loss=False,
+              return_lse=False, inplace_backward=False):
+    """The kernel over all N rows with the targets shifted (no copy of the logits; the
+    last row ignored, dropped from ``none``); softcap applied by torch before it (a
+    capped copy); lse for the returned extras from one more read of the logits."""
     validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
                 reduction)
-    return _ce_kernel(input, target, weight, ignore_index, label_smoothing, z_loss,
-                         reduction, inplace_backward)
+    validate_ce_extras("cross_entropy", input, softcap, shift, return_z_loss, return_lse)
+    x = softcapped(input, softcap)
+    y = torch.cat([target[1:], target.new_full((1,), ignore_index)]) if shift else target
+    lse = None
+    if return_z_loss or return_lse:  # read before an in-place kernel overwrites x
+        x_rows = x[:-1] if shift else x
+        lse = torch.logsumexp(x_rows.detach().to(_wide(x.dtype)), dim=1)
+    out = _ce_kernel(x, y, weight, ignore_index, label_smoothing, z_loss, reduction,
+                     inplace_backward and not softcap)
+    if shift and reduction == "none":
+        out = out[:-1]
+    if lse is None:
+        return out
+    y = target[1:] if shift else y
+    keep = y != ignore_index
+    return with_extras(out, lse, keep, _kept_denom(y, keep, weight, lse.dtype), z_loss,
+                       reduction, return_z_loss, return_lse)
 
 
 def ce_triton_inplace(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                      z_loss=0.0, reduction="mean"):
-    """The Triton kernel writing the gradient over the logits (caller's consent)."""
+                      z_loss=0.0, reduction="mean", softcap=None, shift=False,
+                      return_z_loss=False, return_lse=False):
+    """The Triton kernel writing the gradient over the logits (caller's consent); with
+    softcap over the capped copy."""
     return ce_triton(input, target, weight, ignore_index, label_smoothing, z_loss, reduction,
-                     inplace_backward=True)
+                     softcap, shift, return_z_loss, return_lse, inplace_backward=True)
 
 
 # ------------------------------------------------------------------ perplexity
@@ -211,7 +290,7 @@ def _flops(inputs):
 
 def ce_mean_count(inputs, options, target="target"):
     """What ``mean`` divides by: the total class weight of the kept (not ignored) rows."""
-    y = inputs[target]
+    y = inputs[target][1:] if options.get("shift") else inputs[target]
     kept = y[y != options.get("ignore_index", -100)]
     weight = inputs.get("weight")
     return float(kept.numel() if weight is None else weight[kept].sum())
@@ -230,12 +309,18 @@ def register_losses(register):
         description=("Softmax cross-entropy over C classes up to LLM vocabularies, with torch's "
                      "weight / ignore_index / label_smoothing semantics and an optional z-loss "
                      "(lambda lse^2 per kept row, reduced like the loss). With every target "
-                     "ignored the mean is NaN and the gradient zero, as in torch."),
+                     "ignored the mean is NaN and the gradient zero, as in torch. `softcap` "
+                     "c: logits c tanh(z / c) first (Gemma 2); `shift`: row i scored against "
+                     "target i+1, the last row dropped (`none`: N-1 rows), no copy of the "
+                     "logits; `return_z_loss` / `return_lse` return (loss, z-loss part, lse "
+                     "per row) (the extras detached)."),
         citation=CITATION_CE, reference=ce_reference, make_inputs=make_inputs,
         options={"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.0,
-                 "z_loss": 0.0},
+                 "z_loss": 0.0, "softcap": None, "shift": False, "return_z_loss": False,
+                 "return_lse": False},
         check_options=[{"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
-                       {"z_loss": 1e-3, "label_smoothing": 0.05, "reduction": "none"}],
+                       {"z_loss": 1e-3, "label_smoothing": 0.05, "reduction": "none"},
+                       {"softcap": 5.0, "z_loss": 1e-3}, {"shift": True, "reduction": "none"}],
         grad_inputs=("input",), sizes=SIZES, x_name="tokens", input_params=VOCAB,
         flops=_flops, edge_cases=CE_EDGE_CASES, mean_count=ce_mean_count,
     ))
@@ -258,7 +343,8 @@ def register_implementations(register):
     triton = dict(backend="triton", devices=("cuda",), requires=("triton",),
                   grad_in_forward=True)
     register("cross_entropy", Impl("torch", ce_torch, kind="baseline",
-                                   description="F.cross_entropy (+ z-loss term)"))
+                                   description="F.cross_entropy (+ z-loss term; softcap "
+                                               "and shift by torch ops)"))
     register("cross_entropy", Impl("triton", ce_triton, bytes_model=streamed("input"), **triton,
                                    description="online logsumexp, gradient in the forward"))
     register("cross_entropy", Impl("triton_inplace", ce_triton_inplace,

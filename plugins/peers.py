@@ -71,30 +71,46 @@ from ._peers_rl import cpo_liger, dpo_liger, kto_liger, orpo_liger, simpo_liger
 
 # ---------------------------------------------------------------- cross_entropy
 def ce_liger(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-             reduction="mean"):
-    from lossreg_plugins.neural_networks import validate_ce
+             reduction="mean", softcap=None, shift=False, return_z_loss=False,
+             return_lse=False):
+    from lossreg_plugins.neural_networks import validate_ce, validate_ce_extras
 
-    validate_ce("cross_entropy", input, target, weight, ignore_index, label_smoothing, z_loss,
-                reduction)
+    loss = "cross_entropy"
+    validate_ce(loss, input, target, weight, ignore_index, label_smoothing, z_loss, reduction)
+    validate_ce_extras(loss, input, softcap, shift, return_z_loss, return_lse)
     if weight is not None and z_loss and reduction == "mean":
-        raise _unsupported("cross_entropy", "liger", "z_loss with weight and reduction='mean'",
+        raise _unsupported(loss, "liger", "z_loss with weight and reduction='mean'",
                            "Liger divides the z-loss term by the number of kept rows, ours "
                            "(like the rest of the loss) by the sum of their class weights")
     if weight is not None and _under_interpreter(input):
-        raise _interpreted("cross_entropy", "weight")
+        raise _interpreted(loss, "weight")
+    if softcap and _under_interpreter(input):
+        raise _interpreted(loss, "softcap")
     if input.dtype == torch.bfloat16 and _under_interpreter(input):
-        raise _unsupported("cross_entropy", "liger", "bfloat16 on CPU",
+        raise _unsupported(loss, "liger", "bfloat16 on CPU",
                            "under Triton's interpreter Liger's backward (its in-place scaling "
                            "of the saved bfloat16 gradient by a non-unit grad_output) returns "
                            "wrong values; float32 and float16 pass there")
+    if return_lse:
+        raise _unsupported(loss, "liger", "return_lse", "Liger returns no log-sum-exp")
+    if return_z_loss and reduction == "none":
+        raise _unsupported(loss, "liger", "return_z_loss with reduction='none'",
+                           "Liger returns the z-loss reduced, not per row")
     from liger_kernel.transformers.functional import liger_cross_entropy
 
+    if shift:  # row views, no copy of the logits
+        input, target = input[:-1], target[1:]
     out = liger_cross_entropy(input, target.long(), weight=weight, ignore_index=int(ignore_index),
                               reduction=reduction, label_smoothing=float(label_smoothing),
-                              lse_square_scale=float(z_loss))
+                              lse_square_scale=float(z_loss),
+                              softcap=float(softcap) if softcap else None,
+                              return_z_loss=bool(return_z_loss))
+    z = None
+    if return_z_loss:  # a CrossEntropyOutput (Liger 0.8) or a (loss, z) tuple
+        out, z = (out.loss, out.z_loss) if hasattr(out, "z_loss") else (out[0], out[1])
     if reduction == "mean":
         out = _nan_if_nothing_kept(out, target != ignore_index)
-    return out
+    return (out, z.to(out.dtype).detach()) if return_z_loss else out
 
 
 # ---------------------------------------------------------------- fused linear CE

@@ -162,3 +162,81 @@ def test_causal_lm_options_match_torch(impl, reduction):
     (grad,) = torch.autograd.grad(out, logits, cot)
     (grad_want,) = torch.autograd.grad(want, logits, cot)
     torch.testing.assert_close(grad, grad_want, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------ cross_entropy
+def _ce_impls():
+    spec = lossreg.get("cross_entropy")
+    return [n for n, i in spec.implementations.items()
+            if n != "compile" and runnable(i, "cpu", "float64") is None] + (
+        ["liger"] if runnable(spec.implementations.get("liger", spec.reference), "cpu",
+                              "float32") is None else [])
+
+
+def _ce_call(impl, *args, **kwargs):
+    try:
+        return lossreg.get("cross_entropy").implementations[impl].fn(*args, **kwargs)
+    except lossreg.UnsupportedOption as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("impl", _ce_impls())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_softcap_shift_extras_match_torch(impl, reduction):
+    """softcap, shift, z-loss returned apart and lse against F.cross_entropy on the capped,
+    shifted logits, with class weights and label smoothing; the gradient through the cap
+    and the shift (the last row gets none)."""
+    dtype = torch.float32 if impl == "liger" else torch.float64
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(23, 61, generator=g, dtype=torch.float64) * 4).to(dtype)
+    target = torch.randint(0, 61, (23,), generator=g)
+    target[[3, 9]] = -100
+    cw = (torch.rand(61, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    # Liger under the interpreter: no class weights, no softcap (its kernel fails there)
+    cap, cw = (None, None) if impl == "liger" else (6.0, cw)
+    x = logits.clone().requires_grad_(True)
+    result = _ce_call(impl, x.clone() if impl == "triton_inplace" else x, target, weight=cw,
+                      label_smoothing=0.1, z_loss=1e-2, softcap=cap, shift=True,
+                      reduction=reduction, return_z_loss=True, return_lse=impl != "liger")
+    out, z, lse = result if impl != "liger" else (*result, None)
+    x64 = logits.double().requires_grad_(True)
+    capped = 6.0 * torch.tanh(x64[:-1] / 6.0) if cap else x64[:-1]
+    y = target[1:]
+    keep = y != -100
+    want_lse = torch.logsumexp(capped, 1)
+    rows = 1e-2 * want_lse**2 * keep
+    cw = torch.ones(61, dtype=torch.float64) if cw is None else cw.double()
+    ce = F.cross_entropy(capped, y, weight=cw, label_smoothing=0.1, reduction=reduction)
+    if reduction == "none":
+        want, want_z = torch.where(keep, ce, 0.0) + rows, rows
+    else:
+        want_z = rows.sum() / cw[torch.where(keep, y, 0)][keep].sum()
+        want = ce + want_z
+    tol = dict(rtol=1e-10, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5,
+                                                                         atol=2e-6)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(z.double(), want_z.detach(), **tol)
+    assert not z.requires_grad
+    if lse is not None:
+        assert lse.shape == (22,) and not lse.requires_grad
+        torch.testing.assert_close(lse.double(), want_lse.detach(), **tol)
+    cot = torch.rand(want.shape, generator=g, dtype=torch.float64) + 0.5
+    (grad,) = torch.autograd.grad(out, x, cot.to(dtype))
+    (grad_want,) = torch.autograd.grad(want, x64, cot)
+    assert torch.all(grad[-1] == 0)
+    torch.testing.assert_close(grad.double(), grad_want, **tol)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"softcap": 0.0}, "softcap must be None or a number > 0"),
+    ({"shift": 1}, "shift must be True or False"),
+    ({"return_lse": "yes"}, "return_lse must be True or False"),
+])
+def test_cross_entropy_bad_extras_are_named(kwargs, match):
+    logits, target = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 7, (5,))
+    for impl in lossreg.get("cross_entropy").implementations:
+        if impl == "compile":
+            continue
+        with pytest.raises(ValueError, match=match):
+            lossreg.get("cross_entropy").implementations[impl].fn(logits, target, **kwargs)
