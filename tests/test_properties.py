@@ -234,12 +234,6 @@ def _draw_case(data, spec, impl, options):
 
 
 # ---------------------------------------------------------------- known gaps
-def _f32_internal(what):
-    return (f"float64 inputs are computed in float32 inside ({what}): errors ~1e-8, not "
-            "float64's 1e-10")
-
-
-_CE_KERNEL = _f32_internal("lossreg.kernels.softmax cross-entropy kernel")
 _BF16_INTERP = ("bfloat16 under the Triton interpreter is far outside 2e-2 (Gram-form "
                 "distances / sums in bfloat16); unverified on a GPU")
 _BF16_REF = ("the bfloat16 reference itself is outside the default 2e-2 against float64 "
@@ -250,62 +244,10 @@ _BF16_REF = ("the bfloat16 reference itself is outside the default 2e-2 against 
 #: (property, n, seed, options) fails today and runs under xfail(strict=True) in
 #: `test_known_gap_still_fails`, so a fix shows up as XPASS and the entry must go.
 KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
-    ("multiclass_hinge", "torch", "bfloat16"): (
-        ("F.multi_margin_loss has no bfloat16 CPU kernel (NotImplementedError); the Impl "
-        "declares every dtype"), {},
-        ("agree", 2, 19359550, {"p": 2, "margin": 0.5, "reduction": "mean"})),
-    ("cross_entropy", "triton", "float64"): (
-        _CE_KERNEL, {}, ("agree", 17, 1915, {"reduction": "none"})),
-    ("cross_entropy", "triton_inplace", "float64"): (
-        _CE_KERNEL, {}, ("agree", 17, 1915, {"reduction": "none"})),
-    ("perplexity", "triton", "float64"): (_CE_KERNEL, {}, ("agree", 3, 169, {})),
-    ("seq2seq", "triton", "float64"): (
-        _CE_KERNEL, {}, ("agree", 2, 3460591, {"reduction": "sum"})),
-    ("causal_lm", "triton", "float64"): (_CE_KERNEL, {}, ("reductions", 5, 14841269, {})),
-    ("cross_entropy", "torch", "float64"): (
-        _f32_internal("ce_torch's z-loss term: logsumexp(input.float())"), {"z_loss": 0.001},
-        ("reductions", 9, 824, {"z_loss": 0.001})),
-    ("pca_reconstruction", "triton", "float64"): (
-        _f32_internal("the row-projection kernel"), {},
-        ("agree", 96, 87813, {"center": True, "reduction": "none"})),
-    ("kl_distillation", "triton", "float64"): (
-        _f32_internal("the KL rows kernel"), {},
-        ("agree", 13, 108114148, {"direction": "reverse"})),
-    ("kl_distillation", "torch", "float64"): (
-        _f32_internal("kl_torch: log_softmax of .float()"), {},
-        ("reductions", 2, 2162, {"beta": 0.9, "direction": "reverse"})),
-    ("fused_linear_distillation", "chunked", "float64"): (
-        _f32_internal("float32 row buffer and _rows_torch's .float()"), {},
-        ("agree", 18, 401, {"reduction": "none", "temperature": 2.0,
-                            "direction": "reverse"})),
-    ("fused_linear_distillation", "triton", "float64"): (
-        _f32_internal("float32 row buffer, KL rows kernel"), {},
-        ("agree", 17, 3459, {"temperature": 2.0, "reduction": "none"})),
-    ("fused_linear_cross_entropy", "chunked", "float64"): (
-        _f32_internal("float32 denominators / row scales in FusedLinearCE"), {},
-        ("agree", 30, 23888, {"label_smoothing": 0.1, "reduction": "none",
-                              "softcap": 15.0})),
-    ("mlm", "selected", "float64"): (
-        _f32_internal("fused linear CE engine"), {}, ("agree", 1, 394, {"reduction": "none"})),
-    ("mlm", "triton", "float64"): (
-        _f32_internal("fused linear CE engine"), {}, ("agree", 1, 3610, {})),
-    ("eps_separation", "triton", "bfloat16"): (
-        _BF16_INTERP, {}, ("agree", 238, 63, {"eps": 0.2})),
-    ("soft_kmeans", "triton", "bfloat16"): (
-        _BF16_INTERP, {}, ("agree", 207, 8388609, {"tau": 0.001})),
-    ("wcss", "triton", "bfloat16"): (
-        _BF16_INTERP, {}, ("agree", 2, 45749, {"reduction": "mean"})),
-    ("batch_hard_triplet", "triton", "bfloat16"): (
-        _BF16_INTERP, {}, ("agree", 3, 1752, {"reduction": "sum", "margin": 0.2,
-                                              "soft_margin": True})),
     ("split_variance", "triton", "bfloat16"): (
         _BF16_INTERP, {}, ("agree", 320, 130341, {})),
     ("batch_hard_triplet", "reference", "bfloat16"): (
         _BF16_REF, {}, ("agree", 70, 236, {"margin": 0.0})),
-    ("triplet", "reference", "bfloat16"): (
-        _BF16_REF, {}, ("agree", 17, 7792357, {"reduction": "none", "swap": True,
-                                               "distance": "cosine", "margin": 0.2,
-                                               "p": 3.0})),
     ("perplexity", "reference", "bfloat16"): (
         _BF16_REF + ": exp() turns the bfloat16 rounding of the mean CE (~0.03 abs) into "
         "~3% relative", {}, ("agree", 2, 1580758906, {})),
@@ -330,21 +272,9 @@ KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
         {"temperature": 0.02, "_n_at_most": 1},
         ("agree", 130, 577, {"symmetric": False, "reduction": "none",
                              "temperature": 0.02})),
-    ("mae", "triton", "float64"): (
-        ("Triton passes the mean's scale 1/n as a float32 scalar: float64 gradients ~4e-8 "
-        "off (known limitation)"), {"reduction": "mean"},
-        ("agree", 219, 289, {"reduction": "mean"})),
-    ("fused_linear_cross_entropy", "torch", "float64"): (
-        _f32_internal("ce_torch's z-loss term: logsumexp(input.float())"), {"z_loss": 0.001},
-        ("agree", 17, 1261196208, {"z_loss": 0.001, "reduction": "sum"})),
     ("perplexity", "triton", "bfloat16"): (
         "exp() of a bfloat16 mean CE: ~3% relative (no bfloat16 tolerance declared)", {},
         ("agree", 33, 22657358, {})),
-    ("triplet", "torch", "bfloat16"): (
-        ("d(a,p) - d(a,n) + margin cancels in bfloat16 near the hinge (swap, none): ~4.5% "
-         "relative, ~5% with cosine distance (no bfloat16 tolerance declared)"), {},
-        ("agree", 300, 371, {"swap": True, "distance": "euclidean", "p": 2.0,
-                             "reduction": "none", "margin": 0.2, "eps": 1e-06})),
     ("margin_ranking", "reference", "bfloat16"): (
         ("-y(a - b) + margin rounds to bfloat16 before the hinge; the sum of 2465 such "
          "terms is off by more than 2% (no bfloat16 tolerance declared)"), {},
