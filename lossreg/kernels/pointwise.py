@@ -54,6 +54,7 @@ import torch
 
 from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
 from .libm import exp as _accurate_exp
+from .tuning import launch_options
 
 if HAVE_TRITON:
     import triton
@@ -266,7 +267,7 @@ class _PointwiseFunction(torch.autograd.Function):
                 _pointwise_fwd[grid](
                     xf, yf, zarg, warg, out, out, out, xf, yf, n, z_period, w_period, 1,
                     *params, **flags, REDUCE=False, WRITE_DX=False, WRITE_DY=False,
-                    ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, num_warps=inst.num_warps,
+                    ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, **launch_options(inst.num_warps),
                 )
             ctx.save_for_backward(xf, yf, zf, wf)
             return out.view(shape)
@@ -281,7 +282,7 @@ class _PointwiseFunction(torch.autograd.Function):
                 xf, yf, zarg, warg, total, partial, launch_counter(x.device),
                 xf if dx is None else dx, yf if dy is None else dy, n, z_period, w_period,
                 denom, *params, **flags, REDUCE=True, WRITE_DX=need_dx, WRITE_DY=need_dy,
-                ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, num_warps=inst.num_warps,
+                ACC=acc, BLOCK=BLOCK, RBLOCK=RBLOCK, **launch_options(inst.num_warps),
             )
         else:  # torch semantics: the mean of nothing is nan, the sum is 0
             total = x.new_full((), float("nan") if reduction == "mean" else 0.0)
@@ -303,7 +304,7 @@ class _PointwiseFunction(torch.autograd.Function):
                     xf, yf, xf if zf is None else zf, xf if wf is None else wf, g,
                     xf if dx is None else dx, yf if dy is None else dy, n, *ctx.periods,
                     *ctx.p, **ctx.flags, WRITE_DX=need_dx, WRITE_DY=need_dy,
-                    ACC=_acc_dtype(xf.dtype), BLOCK=BLOCK, num_warps=ctx.num_warps,
+                    ACC=_acc_dtype(xf.dtype), BLOCK=BLOCK, **launch_options(ctx.num_warps),
                 )
         else:
             # The gradient was computed in the forward for an incoming gradient of 1.
@@ -368,7 +369,7 @@ class PointwiseLoss:
         has_z, has_w = self.operands == 3, self.weighted
         common = {"TERM": self.term, "HAS_Z": has_z, "Z_BCAST": False, "HAS_W": has_w,
                   "W_BCAST": False, "EXP_FORM": self.exp_form, "ACC": acc_c, "BLOCK": BLOCK}
-        opts = {"num_warps": self.num_warps}
+        opts = launch_options(self.num_warps)  # 16-warp terms: 74-92 registers uncapped
         params = {"p0": "fp32", "p0_lo": "fp32", "p1": "fp32", "p1_lo": "fp32"}
         fwd_sig = {"X": p, "Y": p, "Z": p, "W": p, "OUT": p, "PART": f"*{acc}",
                    "COUNT": "*i32", "DX": p, "DY": p, "n": "i64", "z_period": "i64",

@@ -65,3 +65,15 @@ def current_cc(device) -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def max_registers(warps: int) -> int:
+    """Register cap (``maxnreg``) that leaves room for two resident blocks per SM on
+    sm_80 and sm_90 (65536 registers): 64 at 16 warps, 128 at 8. ptxas spills rather
+    than exceed it; the ahead-of-time build checks that nothing spills."""
+    return min(255, 65536 // (2 * 32 * warps))
+
+
+def launch_options(warps: int) -> dict:
+    """``num_warps`` and its :func:`max_registers` cap, as launch/compile options."""
+    return {"num_warps": warps, "maxnreg": max_registers(warps)}
