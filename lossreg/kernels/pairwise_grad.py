@@ -48,6 +48,7 @@ import torch
 
 from . import HAVE_TRITON, TEMPLATE_INSTANCES
 from ._guard import guarded_call
+from .tuning import max_registers
 
 SIDES = ("rows", "cols")
 MAX_ROW_STATS = 4
@@ -270,7 +271,7 @@ class PairwiseWeightedSum:
                 _pairwise_weighted[grid], x, y, lr, lc, stats, vec, s0, s1, M, N, D, *p,
                 WEIGHT=self.weight, COLS=cols, NR=self.row_stats, HAS_VEC=self.vec,
                 HAS_LABELS=self.labels, ACC=_acc(x.dtype), IEEE=full,
-                num_stages=NUM_STAGES, **cfg)
+                num_stages=NUM_STAGES, maxnreg=max_registers(cfg["num_warps"]), **cfg)
         return (vec if self.vec else None), s0, s1
 
     def aot_sources(self, dtype: str = "fp32") -> list[tuple[Any, dict, dict, dict]]:
@@ -290,7 +291,9 @@ class PairwiseWeightedSum:
                           "ACC": tl.float64 if dtype == "fp64" else tl.float32,
                           "IEEE": full, **cfg}
             out.append((_pairwise_weighted, sig, constexprs,
-                        {"num_warps": warps, "num_stages": NUM_STAGES}))
+                        {"num_warps": warps, "num_stages": NUM_STAGES,
+                         # float32 FMA tiles took 186-212 registers uncapped (1 block/SM)
+                         "maxnreg": max_registers(warps)}))
         return out
 
 
