@@ -386,7 +386,7 @@ def register_implementations(register):
     register("grpo", Impl("torch", grpo_torch, kind="baseline", description="torch built-ins"))
     register("grpo", Impl(
         "triton", grpo_triton, backend="triton", devices=("cuda",), grad_in_forward=True,
-        requires=("triton",), bytes_model=streamed("log_probs", skip=("rewards",)),
+        requires=("triton",), bytes_model=streamed("log_probs"),
         description="one pass over the tokens (a mask count first for loss_type grpo), "
                     "gradient in the forward"))
     register("fused_linear_grpo", Impl("eager", fused_grpo_eager, kind="baseline",
