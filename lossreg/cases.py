@@ -89,15 +89,6 @@ def _guarded(send, row: dict, fn: Callable[[], dict]) -> dict:
     return row
 
 
-def option_sets(spec: LossSpec) -> list[dict]:
-    sets = [dict(spec.options)]
-    for extra in spec.check_options:
-        merged = {**spec.options, **extra}
-        if merged not in sets:
-            sets.append(merged)
-    return sets
-
-
 def throughput_only_size(spec: LossSpec, task: Task, dtype: torch.dtype,
                          device: str = "cpu", limits: dict | None = None) -> bool:
     """Inputs too large for the float64 reference (several copies of them in float64),
@@ -163,7 +154,7 @@ def run_checks(state: dict, task: Task, all_options: bool, send) -> None:
     spec, impl, device = task.spec, task.impl, state["device"]
     dt = DTYPES[task.dtype]
     tol = spec.tolerance(task.dtype)
-    for options in (option_sets(spec) if all_options else [dict(spec.options)]):
+    for options in (spec.option_sets() if all_options else [dict(spec.options)]):
         if throughput_only_size(spec, task, dt, device, state["limits"]):
             limit = state["limits"].get("check_bytes_max", CHECK_BYTES_MAX)
             rows = []

@@ -136,15 +136,6 @@ def _verify(task: Task, inputs: dict, options: dict, seed: int, rank: int, world
     return forward, gradient, fwd_bytes, full_bytes
 
 
-def _option_sets(spec: LossSpec) -> list[dict]:
-    sets = [dict(spec.options)]
-    for extra in spec.check_options:
-        merged = {**spec.options, **extra}
-        if merged not in sets:
-            sets.append(merged)
-    return sets
-
-
 def rank_rows(task: Task, context: dict, rank: int, world: int, group, device: str,
               edges: bool) -> list[dict]:
     """The rows of one case on this rank: per option set a correctness and a gradient
@@ -154,7 +145,7 @@ def rank_rows(task: Task, context: dict, rank: int, world: int, group, device: s
     tol = spec.tolerance(task.dtype)
     extra = {"world_size": world, "rank": rank}
     rows = []
-    jobs = [(opts, None) for opts in _option_sets(spec)]
+    jobs = [(opts, None) for opts in spec.option_sets()]
     if edges:
         jobs += [(dict(spec.options), name) for name in spec.edge_cases]
     for options, edge in jobs:

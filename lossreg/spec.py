@@ -256,6 +256,16 @@ class LossSpec:
             return None if value is None else float(value)
         return float(per_sample.numel())
 
+    def option_sets(self) -> list[dict[str, Any]]:
+        """``options`` and each of ``check_options`` merged over it, without repeats:
+        the option sets the checks run."""
+        sets = [dict(self.options)]
+        for extra in self.check_options:
+            merged = {**self.options, **extra}
+            if merged not in sets:
+                sets.append(merged)
+        return sets
+
     def tolerance(self, dtype: str) -> tuple[float, float]:
         return tuple(self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype]))
 
