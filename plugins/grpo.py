@@ -378,7 +378,8 @@ def register_losses(register):
         edge_cases={"one_group_one_token": lambda case: {
             **(x := fused_grpo_inputs(case)),
             "target": x["target"].masked_fill(
-                torch.arange(x["target"].shape[1]) != x["target"].shape[1] // 2, -100)}}))
+                torch.arange(x["target"].shape[1], device=x["target"].device)
+                != x["target"].shape[1] // 2, -100)}}))
 
 
 @hookimpl
