@@ -48,6 +48,13 @@ DEEP = os.environ.get("LOSSREG_DEEP_TESTS") == "1"
 EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 
 
+#: 16-bit rows still failing for a reason inherent to the loss, open in issue 18 and
+#: explained in docs/numerics.md ("Still failing"); each runs, and shows as XPASS once
+#: fixed so that the entry can go.
+OPEN_LOWPREC: dict[tuple[str, str], str] = {
+}
+
+
 def option_sets(spec) -> list[dict]:
     sets = [dict(spec.options)]
     for extra in spec.check_options:
@@ -116,7 +123,9 @@ class LossTester:
                      if i.backend != "compile" and runnable(i, "cpu", "float64") is None]
             metafunc.parametrize("impl_name", impls)
         if "dtype" in names:
-            metafunc.parametrize("dtype", EXTRA_DTYPES)
+            metafunc.parametrize("dtype", [
+                pytest.param(d, marks=pytest.mark.xfail(reason=OPEN_LOWPREC[self.loss, d]))
+                if (self.loss, d) in OPEN_LOWPREC else d for d in EXTRA_DTYPES])
         if "maker" in names:
             metafunc.parametrize("maker", _params(
                 (ident, (make, args)) for ident, make, args in makers(spec)))
