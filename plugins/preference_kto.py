@@ -66,8 +66,10 @@ def kto_reference(policy_logps, reference_logps, desirable, policy_kl_logps=None
                   reference_kl_logps, beta, desirable_weight, undesirable_weight, reduction)
     z0 = kto_reference_point(policy_kl_logps, reference_kl_logps, policy_logps)
     r = policy_logps - reference_logps.detach()
-    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
-    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    # 1 - sigma(v) written as sigma(-v): the same function, without the cancellation
+    # that costs float64 its digits where sigma(v) is near 1
+    good = desirable_weight * torch.sigmoid(-beta * (r - z0))
+    bad = undesirable_weight * torch.sigmoid(-beta * (z0 - r))
     return reduce_loss(torch.where(desirable != 0, good, bad), reduction)
 
 
@@ -84,7 +86,9 @@ def kto_torch(policy_logps, reference_logps, desirable, policy_kl_logps=None,
     r = policy_logps.to(wide) - reference_logps.detach().to(wide) - z0
     good = desirable != 0
     sign = torch.where(good, 1.0, -1.0).to(wide)
-    weight = torch.where(good, desirable_weight, undesirable_weight).to(wide)
+    # full_like: Python floats in torch.where would pass through float32 first
+    weight = torch.where(good, torch.full_like(r, desirable_weight),
+                         torch.full_like(r, undesirable_weight))
     return reduce_loss(weight * torch.sigmoid(-sign * beta * r), reduction).to(dtype)
 
 
@@ -100,7 +104,8 @@ def kto_triton(policy_logps, reference_logps, desirable, policy_kl_logps=None,
                              policy_logps.detach().to(wide))
     shifted = reference_logps.detach().to(wide) + z0
     good = desirable != 0
-    signed = torch.where(good, float(desirable_weight), -float(undesirable_weight)).to(wide)
+    signed = torch.where(good, torch.full_like(shifted, float(desirable_weight)),
+                         torch.full_like(shifted, -float(undesirable_weight)))
     return kernels.KTO(policy_logps, shifted, reduction, p0=float(beta), z=signed)
 
 
