@@ -399,11 +399,17 @@ def perplexity(input, target, **o):
 
 
 @oracle("causal_lm")
-def causal_lm(logits, input_ids, **o):
-    red, ii, ls = _take(o, reduction="mean", ignore_index=-100, label_smoothing=0.0)
+def causal_lm(logits, input_ids, weight=None, **o):
+    red, ii, ls, z, cap, rz, rl = _take(
+        o, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+        return_z_loss=False, return_lse=False)
+    if rz or rl:  # the extras are checked against F.cross_entropy in test_ce_options.py
+        raise NotImplementedError("oracle returns the loss alone")
     b, t, v = logits.shape
-    out = _ce(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), red,
-              ignore_index=ii, label_smoothing=ls)
+    if cap:
+        logits = cap * np.tanh(logits / cap)
+    out = _ce(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), red, weight=weight,
+              ignore_index=ii, label_smoothing=ls, z_loss=z)
     return out.reshape(b, t - 1) if red == "none" else out
 
 

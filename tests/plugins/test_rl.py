@@ -140,8 +140,12 @@ def test_dpo_is_finite_at_extreme_log_ratios(name, impl, loss_type):
     pc[::3] = -1e5  # beta h ~ -1e4: the policy prefers the rejected answer by far
     pr[1::3] = -1e5  # beta h ~ +1e4
     lc, lr = leaf(pc), leaf(pr)
-    out = impl.fn(policy_chosen_logps=lc, policy_rejected_logps=lr, reference_chosen_logps=rc,
-                  reference_rejected_logps=rr, beta=0.1, loss_type=loss_type, reduction="sum")
+    try:
+        out = impl.fn(policy_chosen_logps=lc, policy_rejected_logps=lr,
+                      reference_chosen_logps=rc, reference_rejected_logps=rr, beta=0.1,
+                      loss_type=loss_type, reduction="sum")
+    except UnsupportedOption as exc:  # a peer that cannot express it says so
+        pytest.skip(str(exc))
     gc, gr = torch.autograd.grad(out, (lc, lr))
     assert torch.isfinite(out) and torch.isfinite(gc).all() and torch.isfinite(gr).all()
     args64 = [t.double() for t in (pc, pr, rc, rr)]
