@@ -162,8 +162,12 @@ def test_dpo_bfloat16_log_probs(name, impl):
     values within bfloat16's tolerance."""
     g = gen(impl.name, "bf16")
     pc, pr, rc, rr = dpo_batch(g, 300, torch.bfloat16)
-    out = impl.fn(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
-                  reference_rejected_logps=rr, loss_type="ipo", reduction="none")
+    try:
+        out = impl.fn(policy_chosen_logps=pc, policy_rejected_logps=pr,
+                      reference_chosen_logps=rc, reference_rejected_logps=rr, loss_type="ipo",
+                      reduction="none")
+    except UnsupportedOption as exc:  # a peer that cannot express it says so
+        pytest.skip(str(exc))
     assert out.dtype == torch.bfloat16
     expected = dpo_expected(*[t.double() for t in (pc, pr, rc, rr)], 0.1, 0.0, "ipo")
     assert_close(out, expected, torch.bfloat16, "ipo loss")
