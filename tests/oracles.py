@@ -434,13 +434,19 @@ def mlm(hidden, weight, labels, **o):
 
 
 @oracle("fused_linear_cross_entropy")
-def fused_linear_ce(hidden, weight, target, bias=None, **o):
-    red, ii, ls, z, cap = _take(o, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                                z_loss=0.0, softcap=None)
+def fused_linear_ce(hidden, weight, target, bias=None, class_weight=None, **o):
+    red, ii, ls, z, cap, shift, rz, rl, _accum = _take(
+        o, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+        shift=False, return_z_loss=False, return_lse=False, accum_dtype=None)
+    if rz or rl:  # the extras are checked against F.cross_entropy in test_ce_options.py
+        raise NotImplementedError("oracle returns the loss alone")
+    if shift:  # row i against target i + 1
+        hidden, target = hidden[:-1], target[1:]
     logits = hidden @ weight.T + (0.0 if bias is None else bias)
     if cap:
         logits = cap * np.tanh(logits / cap)
-    return _ce(logits, target, red, ignore_index=ii, label_smoothing=ls, z_loss=z)
+    return _ce(logits, target, red, weight=class_weight, ignore_index=ii, label_smoothing=ls,
+               z_loss=z)
 
 
 def _divergence(student, teacher, temperature, direction, beta):
