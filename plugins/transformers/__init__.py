@@ -194,7 +194,7 @@ def _specs():
         flops=linear_ce.flce_flops,
         edge_cases={"one_masked": _with(
             _resize(mlm.make_mlm_inputs, 23),
-            labels=lambda c, i: torch.where(torch.arange(23) == 7, 3, -100))},
+            labels=lambda c, i: torch.where(torch.arange(23, device=c.device) == 7, 3, -100))},
     )
     yield LossSpec(
         name="info_nce", family="transformers", title="InfoNCE / NT-Xent",

@@ -47,6 +47,11 @@ def validate(loss, student, teacher, labels, temperature, beta, ignore_index, re
         if labels.device != student.device:
             raise ValueError(f"{loss}: labels must be on the logits' device {student.device}, "
                              f"got {labels.device}")
+        vocab = student.shape[-1]
+        bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
+        if bad.numel():
+            raise ValueError(f"{loss}: labels must be token ids in [0, {vocab}) or "
+                             f"ignore_index={ignore_index}, got {bad[0].item()}")
     if not float(temperature) > 0:
         raise ValueError(f"{loss}: temperature must be > 0, got {temperature}")
     if not 0.0 <= float(beta) <= 1.0:
