@@ -205,10 +205,20 @@ def test_cli_case_timeout_negative_is_bad_input_and_zero_is_no_limit(tmp_path):
 def test_ctrl_c_keeps_the_finished_cases_and_says_where(tmp_path):
     seen = []
 
-    def progress(done, total, msg):
-        seen.append(msg)
-        if done == 2:
-            raise KeyboardInterrupt
+    class progress:  # the display the runner drives; Ctrl-C lands after the second case
+        def __init__(self, total):
+            self.done = 0
+
+        def case_started(self, name):
+            seen.append(name)
+
+        def case_done(self, name, status):
+            self.done += 1
+            if self.done == 2:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
 
     with pytest.raises(Interrupted) as info:
         execute(["sq"], device="cpu", registry=_registry(good=_ref, other=_ref), out=tmp_path,
@@ -291,7 +301,7 @@ def _start_bench(site: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "lossreg.cli", "bench", "slow_sq", "--device", "cpu",
          "--impl", "napping", "--impl", "reference", "--out", str(out), "--no-plots",
-         "--rounds", "1"],
+         "--sizes", "default", "--rounds", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
