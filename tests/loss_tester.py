@@ -74,15 +74,6 @@ OPEN_LOWPREC: dict[tuple[str, str], str] = {
 }
 
 
-def option_sets(spec) -> list[dict]:
-    sets = [dict(spec.options)]
-    for extra in spec.check_options:
-        merged = {**spec.options, **extra}
-        if merged not in sets:
-            sets.append(merged)
-    return sets
-
-
 def _smallest_quick(tasks):
     return [t for t in tasks if t.n == min(t.spec.sizes["quick"])]
 
@@ -190,13 +181,13 @@ class LossTester:
                  spec.options} for p in df.params]
         edges = {p.pop("edge_case") for p in seen if "edge_case" in p}
         assert edges == set(spec.edge_cases)
-        assert not [s for s in option_sets(spec) if s not in seen], "option sets not checked"
+        assert not [s for s in spec.option_sets() if s not in seen], "option sets not checked"
 
     def test_other_dtypes_pass_the_verdict_code(self, dtype):
         spec = self.spec
         n, dt, tol = min(spec.sizes["quick"]), DTYPES[dtype], spec.tolerance(dtype)
         cases = [(f"{opts}", opts, spec.make_inputs(Case(n, dt, "cpu", seed=0, params=(
-            spec.case_params("quick", opts))))) for opts in option_sets(spec)]
+            spec.case_params("quick", opts))))) for opts in spec.option_sets()]
         cases += [(f"edge {name}", dict(spec.options), make(Case(1, dt, "cpu", seed=11, params=(
             spec.case_params("quick", spec.options))))) for name, make in spec.edge_cases.items()]
         failures, ran = [], 0

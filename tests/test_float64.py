@@ -20,15 +20,6 @@ from lossreg.tolerances import default_tolerance
 TOL = default_tolerance("float64")
 
 
-def _option_sets(spec):
-    sets = [dict(spec.options)]
-    for extra in spec.check_options:
-        merged = {**spec.options, **extra}
-        if merged not in sets:
-            sets.append(merged)
-    return sets
-
-
 def _cases():
     for spec in lossreg.losses():
         for impl in spec.implementations.values():
@@ -57,7 +48,7 @@ def _hard_inputs(spec, options, seed=0):
 @pytest.mark.parametrize("spec,impl", list(_cases()))
 def test_float64_to_float64_tolerance(spec, impl):
     failures = []
-    for options in _option_sets(spec):
+    for options in spec.option_sets():
         inputs = _hard_inputs(spec, options)
         try:
             verdicts = (("forward", verify.check_forward(spec, impl, inputs, options, TOL)),
