@@ -265,11 +265,14 @@ def dpo_inputs(case, n=None, scale=1.0):
 
 
 def _dpo_extreme(case):
-    """|beta h| up to 1e4: the policy prefers (or rejects) a pair by 1e5 nats."""
+    """|beta h| of thousands: the policy prefers (or rejects) a pair by 1e5 nats, or by a
+    quarter of the dtype's largest value where 1e5 is not representable (float16: 16376;
+    -1e5 would round to -inf there and the float64 reference of the rounded input is nan)."""
     inputs = dpo_inputs(case, 301)
     pc, pr = inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]
-    pc[::3] = -1e5
-    pr[1::3] = -1e5
+    big = min(1e5, torch.finfo(pc.dtype).max / 4)
+    pc[::3] = -big
+    pr[1::3] = -big
     return {**inputs, "policy_chosen_logps": pc, "policy_rejected_logps": pr}
 
 
