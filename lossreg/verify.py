@@ -37,14 +37,20 @@ def compare_tensors(out: Any, ref: torch.Tensor, rtol: float, atol: float,
     ``atol`` is an absolute floor near the dtype's rounding noise (float32 1e-7), not
     the relative tolerance reused as an absolute one: a gradient of 1e-5 per element
     must be right to 1e-5 relative, not merely within 1e-5 of the truth. NaN/inf must
-    sit exactly where the reference has them (a NaN the reference lacks never passes)."""
+    sit exactly where the reference has them (a NaN the reference lacks never passes).
+
+    Like with like: the expected value is the float64 reference rounded to ``out``'s
+    dtype where that rounding overflows. A float16 mean of 3e7 is inf when correctly
+    rounded (float16's largest value is 65504), so there ``out`` must be the inf of the
+    same sign, and a finite value (or the other inf) fails; everywhere else the float64
+    reference itself is the expected value."""
     if not torch.is_tensor(out):
         return Verdict(False, None, None, f"{what}: returned {type(out).__name__}, not a tensor")
     if out.shape != ref.shape:
         return Verdict(False, None, None,
                        f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
     o = out.detach().to(device=ref.device, dtype=torch.float64)
-    r = ref.detach()
+    r = rounded_overflow(ref.detach(), out.dtype)
     nonfinite_o, nonfinite_r = ~torch.isfinite(o), ~torch.isfinite(r)
     if not torch.equal(nonfinite_o, nonfinite_r) or not torch.equal(
         torch.where(nonfinite_o, o, 0).nan_to_num(0.0, 1.0, -1.0),
@@ -66,6 +72,17 @@ def compare_tensors(out: Any, ref: torch.Tensor, rtol: float, atol: float,
     if ok:  # a 16-bit rtol of 1% or more must not hide a common factor (lossreg.lowprec)
         msg = systematic_error(out.dtype, fo, fr, rtol, what, by_rtol=rel <= rtol)
     return Verdict(not msg, max_abs, rel, msg)
+
+
+def rounded_overflow(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``ref`` with the finite values that overflow ``dtype`` replaced by that dtype's
+    rounding of them (+-inf, same sign); ``ref`` itself when none does."""
+    if not dtype.is_floating_point or not ref.is_floating_point():
+        return ref
+    over = torch.isfinite(ref) & ~torch.isfinite(ref.to(dtype))
+    if not bool(over.any()):
+        return ref
+    return torch.where(over, ref.to(dtype).to(ref.dtype), ref)
 
 
 def worst(verdicts: list[tuple[str, Verdict]]) -> tuple[str, float | None, float | None, str]:
