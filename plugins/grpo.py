@@ -30,15 +30,8 @@ import torch
 from lossreg import Impl, LossSpec, hookimpl
 from lossreg.kernels import grpo as grpo_kernel
 from lossreg.kernels.traffic import streamed
-from lossreg.validate import (
-    check_choice,
-    check_float,
-    check_mask,
-    check_number,
-    check_reduction,
-    check_shape,
-    check_tensor,
-)
+from lossreg.validate import (check_choice, check_float, check_mask, check_number,
+                              check_reduction, check_shape, check_tensor)
 
 from . import _fused_linear as fl
 
@@ -241,29 +234,32 @@ def _unit(lp, ref_lp, keep, aux, o):
 HEAD = fl.Head("fused_linear_grpo", 1, _unit, lambda keep, aux, o: divisor(keep[0], o))
 
 
+def validate_fused(hidden, weight, target, old_log_probs, rewards, ref_log_probs, o,
+                   ignore_index, reduction):
+    fl.validate(HEAD, hidden, weight, target, None, None, ignore_index, reduction)
+    check_float(name := HEAD.name, hidden=hidden, old_log_probs=old_log_probs, rewards=rewards)
+    check_shape(name, "old_log_probs", old_log_probs, target.shape, "the shape of target")
+    check_shape(name, "rewards", rewards, target.shape[:1], "one reward per completion")
+    if ref_log_probs is not None:
+        check_float(name, hidden=hidden, ref_log_probs=ref_log_probs)
+        check_shape(name, "ref_log_probs", ref_log_probs, target.shape, "the shape of target")
+    elif o["beta"]:
+        raise ValueError(f"{name}: ref_log_probs must be given when beta > 0, got {o['beta']}")
+    check_options(name, o, reduction, target.shape[1])
+    if target.shape[0] % o["group_size"]:
+        raise ValueError(f"{name}: hidden must hold whole groups: {target.shape[0]} "
+                         f"completions is no multiple of group_size={o['group_size']}")
+
+
 def _fused(mode):
     def fn(hidden, weight, target, old_log_probs, rewards, ref_log_probs=None, group_size=4,
            beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
            max_completion_length=None, num_tokens=None, scale_rewards=True,
            ignore_index=-100, reduction="mean"):
-        name = "fused_linear_grpo"
         o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
                      max_completion_length, num_tokens, scale_rewards)
-        fl.validate(HEAD, hidden, weight, target, None, None, ignore_index, reduction)
-        check_float(name, hidden=hidden, old_log_probs=old_log_probs, rewards=rewards)
-        check_shape(name, "old_log_probs", old_log_probs, target.shape, "the shape of target")
-        check_shape(name, "rewards", rewards, target.shape[:1], "one reward per completion")
-        if ref_log_probs is not None:
-            check_float(name, hidden=hidden, ref_log_probs=ref_log_probs)
-            check_shape(name, "ref_log_probs", ref_log_probs, target.shape,
-                        "the shape of target")
-        elif beta:
-            raise ValueError(f"{name}: ref_log_probs must be given when beta > 0, got beta="
-                             f"{beta!r} and no ref_log_probs")
-        check_options(name, o, reduction, target.shape[1])
-        if target.shape[0] % group_size:
-            raise ValueError(f"{name}: hidden must hold whole groups: {target.shape[0]} "
-                             f"completions is no multiple of group_size={group_size}")
+        validate_fused(hidden, weight, target, old_log_probs, rewards, ref_log_probs, o,
+                       ignore_index, reduction)
         acc = fl.acc_dtype(hidden.dtype)
         aux = {"old": old_log_probs.detach().to(acc),
                "ref": None if ref_log_probs is None else ref_log_probs.detach().to(acc),
