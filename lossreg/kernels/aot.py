@@ -1,21 +1,25 @@
 """Compile every template kernel ahead of time for NVIDIA targets and read the cubins.
 
     python -m lossreg.kernels.aot [--arch 80 --arch 90] [--dtype fp32] [--instance mse]
-                                  [--kernel NAME] [--variant BLOCK_D=4096] [--json]
+                                  [--kernel NAME] [--variant BLOCK_D=4096] [--each]
+                                  [--jobs 2] [--no-cache] [--json]
 
 Kernels must be defined with ``TRITON_INTERPRET=0``; when it is not so, ``main``
 starts itself again in a fresh interpreter with it. It loads every plugin, asks each
 template instance for its kernels' signatures (``aot_sources``) and compiles each
 (kernel, dtype, arch) on its own with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", cc, 32))``, no GPU needed.
+target=GPUTarget("cuda", cc, 32))``, no GPU needed. Constexpr parameters a source
+leaves out take the kernel's defaults, as at a launch.
 
 The specialization compiled is the one Triton's launcher picks at the benchmark sizes:
 every pointer 16-byte aligned (torch's allocations are) and every integer argument a
 multiple of 16 (``tt.divisibility = 16``), which is what lets a masked block load four
-float32 (eight bfloat16) elements per instruction.
+float32 (eight bfloat16) elements per instruction; an argument in the kernel's
+``do_not_specialize`` gets no hint, as at a launch.
 
-Everything reported is read from that kernel's own cubin, so a kernel gives the same
-figures in every run, from Triton's cache or not, whatever else is compiled with it:
+Everything reported is read from that kernel's own cubin and TTGIR
+(:mod:`lossreg.kernels.aot_sass`), so a kernel gives the same figures in every run,
+from a cache or not, whatever else is compiled with it:
 
 * ``registers``, ``stack_bytes``, ``local_bytes`` (spills land in local memory):
   ``cuobjdump --dump-resource-usage``;
@@ -25,7 +29,16 @@ figures in every run, from Triton's cache or not, whatever else is compiled with
   in the kernel's main loop (the innermost backward branch's body holding the most
   global loads; the whole kernel when it has no such loop or loads more outside it,
   as a one-block kernel whose last program sums partials in a loop), from
-  ``cuobjdump -sass``.
+  ``cuobjdump -sass``;
+* ``tile_loads`` / ``tile_stores``: the TTGIR's accesses of whole tiles of the dtype
+  (:func:`aot_sass.tile_accesses`), which say whether a kernel streams its inputs or
+  outputs at all.
+
+Cost: a few seconds of CPU per (kernel, dtype, arch), mostly ``triton.compile`` and
+the disassembler. So identical specializations (``_scale_unless_one`` is the same
+kernel in every pointwise instance) compile once, ``--jobs`` compiles in parallel
+processes, and each result is cached (:mod:`lossreg.kernels.aot_cache`); ``--each``
+checks one specialization per (instance, kernel, dtype, arch) (:func:`each_kernel`).
 
 Exit status 1 when any kernel fails to compile.
 """
@@ -35,129 +48,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+
+from . import aot_cache
+from .aot_sass import (  # noqa: F401  (the report's readers, re-exported)
+    blocks_per_sm,
+    describe,
+    memory_widths,
+    resource_usage,
+    tile_accesses,
+)
 
 DTYPES = ("fp32", "bf16", "fp16")
-REGS_PER_SM = 65536
-WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
-SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
-
-
-def _tool(name: str) -> str | None:
-    """Triton's bundled CUDA binary ``name`` (cuobjdump, nvdisasm), else one on PATH."""
-    try:
-        import triton
-
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    return shutil.which(name)
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    tool = _tool("cuobjdump")
-    if tool is None:
-        raise RuntimeError("cuobjdump not found (Triton's nvidia backend ships one)")
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "k.cubin"
-        path.write_bytes(cubin)
-        out = subprocess.run([tool, flag, str(path)], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"cuobjdump {flag} failed: {out.stderr.strip()[:300]}")
-    return out.stdout
-
-
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local memory of the one function in ``cubin``."""
-    text = _cuobjdump(cubin, "--dump-resource-usage")
-    rows = re.findall(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
-    if len(rows) != 1:
-        raise RuntimeError(f"expected one function's resource usage, got {len(rows)}: {text}")
-    regs, stack, shared, local = map(int, rows[0])
-    return {"registers": regs, "stack_bytes": stack, "local_bytes": local,
-            "static_shared": shared}
-
-
-_MEM = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
-_ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
-_BRA = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+|\.L_x_\d+)")
-_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-
-
-def _width(mods: str) -> int:
-    parts = set(mods.strip(".").split("."))
-    for bits in (128, 64):
-        if str(bits) in parts:
-            return bits
-    if parts & {"U16", "S16"}:
-        return 16
-    if parts & {"U8", "S8"}:
-        return 8
-    return 32
-
-
-def memory_widths(sass: str) -> dict:
-    """Widest global load/store in the main loop of a SASS listing (see module doc)."""
-    ops, labels, branches, pending = [], {}, [], []
-    for line in sass.splitlines():
-        m = _LABEL.match(line)
-        if m:  # a label names the address of the instruction after it
-            pending.append(m.group(1))
-            continue
-        a = _ADDR.search(line)
-        if not a:
-            continue
-        pos = int(a.group(1), 16)
-        labels.update((name, pos) for name in pending)
-        pending.clear()
-        mem = _MEM.search(line.split("/*", 2)[1])
-        # .STRONG.GPU accesses read other programs' results (a last-program reduction
-        # of partials), not the streamed data: they do not make a main loop
-        if mem and "STRONG" not in mem.group(2):
-            ops.append((pos, mem.group(1), _width(mem.group(2))))
-        b = _BRA.search(line.split("/*", 2)[1])
-        if b:
-            t = b.group(1)
-            branches.append((pos, int(t, 16) if t.startswith("0x") else labels.get(t)))
-    # a backward branch closes a loop (a branch to itself is the trap at the end)
-    loops = [(t, at) for at, t in branches if t is not None and t < at]
-    loops = [(lo, hi) for lo, hi in loops
-             if any(k == "LDG" and lo <= p <= hi for p, k, _ in ops)]
-    def loads_in(lo, hi):
-        return sum(k == "LDG" and lo <= p <= hi for p, k, _ in ops)
-
-    body = [(k, w) for _, k, w in ops]
-    if loops:  # the innermost of the loops that load the most
-        most = max(loads_in(lo, hi) for lo, hi in loops)
-        lo, hi = min((r for r in loops if loads_in(*r) == most), key=lambda r: r[1] - r[0])
-        outside = sum(k == "LDG" for _, k, _ in ops) - most
-        if most >= outside:  # else the data is loaded straight-line (a loop only finishes)
-            body = [(k, w) for p, k, w in ops if lo <= p <= hi]
-        else:
-            loops = []
-    loads = [w for k, w in body if k == "LDG"]
-    stores = [w for k, w in body if k == "STG"]
-    return {"in_loop": bool(loops), "load_bits": max(loads, default=0),
-            "store_bits": max(stores, default=0), "loads": len(loads), "stores": len(stores)}
-
-
-def blocks_per_sm(registers: int, num_warps: int, shared: int, cc: int) -> int:
-    """Resident blocks per SM allowed by registers (allocated per warp in units of 256),
-    warps and shared memory."""
-    per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_regs = REGS_PER_SM // (per_warp * num_warps)
-    by_warps = WARPS_PER_SM // num_warps
-    by_shared = SHARED_PER_SM.get(cc, SHARED_PER_SM[80]) // (shared + 1024) if shared else 99
-    return min(by_regs, by_warps, by_shared, MAX_BLOCKS_PER_SM)
-
+ARCHS = (80, 90)
 
 #: one instance of each template, compiled by the default test (the rest: slow)
 REPRESENTATIVE = ("mse", "kmeans_nearest")
@@ -175,6 +79,7 @@ def known_violation(entry: dict) -> str | None:
             return why
     return None
 
+
 #: kernel -> what a memory-bound kernel's main loop must do with 128-bit accesses:
 #: "loads+stores" (it streams inputs to per-element outputs), "loads" (it reduces its
 #: inputs to a few values). Kernels not listed (tiled pairwise reductions, matrix
@@ -191,79 +96,167 @@ MEMORY_BOUND = {
 
 
 def vector_rule(entry: dict) -> str | None:
-    """What :data:`MEMORY_BOUND` asks of a report entry; float16 shares bfloat16's code,
+    """What :data:`MEMORY_BOUND` asks of a report entry: "loads+stores", "loads",
+    "stores" or None. Only what the kernel streams is judged: the loads when its TTGIR
+    loads whole tiles of the dtype, the stores when it stores them (a row-wise forward
+    without gradients writes one value per row; nll's backward reads no scores, only a
+    label, weight and incoming gradient per row). float16 shares bfloat16's code,
     float64 moves 128 bits as two elements and is not judged."""
     if entry.get("dtype") not in ("fp32", "bf16"):
         return None
-    kernel, variant = entry.get("kernel"), entry.get("variant", "")
-    rule = MEMORY_BOUND.get(kernel)
-    # a row-wise forward without gradients writes one value per row, not per element
-    if rule and kernel in ("_aligned_fwd", "_rowwise_fwd") and "REDUCE=False" in variant:
-        return "loads"
-    return rule
+    rule = MEMORY_BOUND.get(entry.get("kernel"))
+    if rule is None:
+        return None
+    parts = [p for p in rule.split("+")
+             if entry.get("tile_" + p, 1) > 0]  # entries without the count: judged
+    return "+".join(parts) or None
 
 
 def _attrs(kernel, signature: dict) -> dict:
-    """``tt.divisibility = 16`` on every pointer and integer argument (module doc)."""
+    """``tt.divisibility = 16`` on every pointer and integer argument (module doc), but
+    not on those the kernel keeps from specializing (``do_not_specialize``, or
+    ``do_not_specialize_on_alignment``): their launches get no such hint either."""
+    params = {p.name: p for p in kernel.params}
     attrs = {}
     for name, ty in signature.items():
+        param = params[name]
+        if param.do_not_specialize or param.do_not_specialize_on_alignment:
+            continue
         if ty != "constexpr" and (ty.startswith("*") or ty[0] in "iu"):
             attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     return attrs
 
 
+def source_of(kernel, signature: dict, constexprs: dict):
+    """The ``ASTSource`` a launch would compile: ``constexprs`` plus the defaults of
+    the constexpr parameters it leaves out (without them Triton compiles the parameter
+    as None and fails deep in code generation: ``'NoneType' object has no attribute
+    '_unflatten_ir'``)."""
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    for param in kernel.params:
+        if param.name in signature or param.name in constexprs:
+            continue
+        if param.is_constexpr and param.has_default:
+            constexprs[param.name] = param.default
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name!r} is in neither "
+                            "the signature nor the constexprs")
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    return ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
+                     attrs=_attrs(kernel, signature))
+
+
 def compile_one(kernel, signature: dict, constexprs: dict, options: dict, cc: int):
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
-                       attrs=_attrs(kernel, signature))
-    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+    return triton.compile(source_of(kernel, signature, constexprs),
+                          target=GPUTarget("cuda", cc, 32), options=options)
 
 
-def describe(compiled, cc: int) -> dict:
-    """What the module docstring lists, from ``compiled``'s own cubin."""
-    cubin = compiled.asm["cubin"]
-    res = resource_usage(cubin)
-    warps = compiled.metadata.num_warps
-    shared = max(compiled.metadata.shared, res["static_shared"])
-    return {**res, "spill_bytes": res["local_bytes"], "num_warps": warps, "shared": shared,
-            "blocks_per_sm": blocks_per_sm(res["registers"], warps, shared, cc),
-            **memory_widths(_cuobjdump(cubin, "-sass")),
-            "ptx_bytes": len(compiled.asm["ptx"]), "cubin_bytes": len(cubin)}
+def _variant(constexprs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
+                    if isinstance(v, (bool, int)) and k.isupper())
 
 
-def compile_all(archs=(80, 90), dtypes=DTYPES, instances=None, kernels=None,
-                variants=None) -> list[dict]:
+def each_kernel(variants: list, dtype: str, cc: int):
+    """The one specialization of an (instance, kernel) checked for ``dtype`` on
+    ``sm_{cc}`` by ``--each``: the four (dtype, arch) slots of float32/bfloat16 x
+    sm_80/sm_90 take its variants in turn, so a kernel of two to four variants has each
+    checked somewhere, and the choice does not depend on what else is selected."""
+    slot = DTYPES.index(dtype) * len(ARCHS) + (ARCHS.index(cc) if cc in ARCHS else 0)
+    return variants[slot % len(variants)]
+
+
+def plan(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None,
+         each=False) -> list[dict]:
+    """The selected (instance, kernel, dtype, arch, variant) compiles, as report entries
+    with the source attached under ``"_src"``."""
     from lossreg.kernels import template_instances
     from lossreg.registry import default_registry
 
     default_registry()  # imports every plugin, which defines its kernels
-    report = []
+    tasks = []
     for inst in template_instances():
         if instances and inst.name not in instances:
             continue
         for dtype in dtypes:
+            by_kernel: dict[str, list] = {}
             for kernel, signature, constexprs, options in inst.aot_sources(dtype):
                 if kernels and kernel.__name__ not in kernels:
                     continue
-                variant = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
-                                   if isinstance(v, (bool, int)) and k.isupper())
+                variant = _variant(constexprs)
                 if variants and not any(v in variant for v in variants):
                     continue
+                by_kernel.setdefault(kernel.__name__, []).append(
+                    (variant, (kernel, signature, constexprs, options)))
+            for name, found in by_kernel.items():
                 for cc in archs:
-                    entry = {"instance": inst.name, "kernel": kernel.__name__, "dtype": dtype,
-                             "arch": f"sm_{cc}", "variant": variant}
-                    try:
-                        compiled = compile_one(kernel, signature, constexprs, options, cc)
-                        entry.update(ok=True, **describe(compiled, cc))
-                    except Exception as exc:  # noqa: BLE001
-                        entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-                    report.append(entry)
-    return report
+                    for variant, src in ([each_kernel(found, dtype, cc)] if each else found):
+                        tasks.append({"instance": inst.name, "kernel": name, "dtype": dtype,
+                                      "arch": f"sm_{cc}", "variant": variant,
+                                      "_src": (*src, cc)})
+    return tasks
+
+
+_TODO: list = []  # the sources a forked worker compiles, by index
+
+
+def _build(i: int) -> dict:
+    kernel, signature, constexprs, options, cc, dtype = _TODO[i]
+    try:
+        compiled = compile_one(kernel, signature, constexprs, options, cc)
+        return {"ok": True, **describe(compiled, cc, dtype)}
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _run(todo: list, jobs: int) -> list[dict]:
+    _TODO[:] = todo
+    if jobs <= 1 or len(todo) <= 1:
+        return [_build(i) for i in range(len(todo))]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(todo)),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_build, range(len(todo)), chunksize=1))
+
+
+def compile_all(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None,
+                each=False, jobs=1, cache=True) -> list[dict]:
+    """The report: one entry per :func:`plan` task. Each distinct (source, options,
+    arch, dtype) is compiled once, in ``jobs`` processes, unless ``cache`` has it;
+    ``cached`` says which entries were read from the cache."""
+    tasks = plan(archs, dtypes, instances, kernels, variants, each)
+    keys, todo, records = [], {}, {}
+    for t in tasks:
+        kernel, signature, constexprs, options, cc = t.pop("_src")
+        try:
+            name = aot_cache.key(source_of(kernel, signature, constexprs), options, cc,
+                                 t["dtype"])
+        except Exception as exc:  # noqa: BLE001
+            name = None
+            t.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        keys.append(name)
+        if name is None or name in todo or name in records:
+            continue
+        hit = aot_cache.load(name) if cache else None
+        if hit is not None:
+            records[name] = {**hit, "cached": True}
+        else:
+            todo[name] = (kernel, signature, constexprs, options, cc, t["dtype"])
+    for name, record in zip(todo, _run(list(todo.values()), jobs)):
+        if cache and record["ok"]:
+            aot_cache.store(name, record)
+        records[name] = {**record, "cached": False}
+    for t, name in zip(tasks, keys):
+        if name is not None:
+            t.update(records[name])
+    return tasks
 
 
 def main(argv=None) -> int:
@@ -274,6 +267,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", action="append", help="only this kernel (function name)")
     ap.add_argument("--variant", action="append",
                     help="only variants whose constexprs contain this, e.g. BLOCK_D=4096")
+    ap.add_argument("--each", action="store_true",
+                    help="one specialization per (instance, kernel, dtype, arch)")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="compile everything; neither read nor write build/aot-cache")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "0":
@@ -281,8 +279,9 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "lossreg.kernels.aot", *argv],
                               env=env).returncode
-    report = compile_all(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES),
-                         args.instance, args.kernel, args.variant)
+    report = compile_all(tuple(args.arch or ARCHS), tuple(args.dtype or DTYPES),
+                         args.instance, args.kernel, args.variant, args.each,
+                         max(args.jobs, 1), not args.no_cache)
     if args.json:
         print(json.dumps(report))
     else:
