@@ -9,6 +9,11 @@ import os
 import torch
 
 import lossreg
+# Before any peer imports Triton: sets TRITON_INTERPRET=1 on a machine without CUDA. A
+# Triton imported first defines triton.language's own @jit helpers (tl.max, tl.sum...)
+# as compiled functions, which an interpreted kernel cannot call ("Cannot call
+# @triton.jit'd outside of the scope of a kernel").
+import lossreg.kernels  # noqa: F401,E402
 
 LIGER = "liger_kernel"
 CCE = "cut_cross_entropy"

@@ -128,3 +128,36 @@ def kto_liger(policy_logps, reference_logps, desirable, policy_kl_logps=None,
         ref_log_prob_chunk=_upcast(reference_logps.detach()), beta=float(beta), kl=z0)
     loss = out[0] if isinstance(out, tuple) else out
     return loss.to(policy_logps.dtype)
+
+
+# ---------------------------------------------------------------- grpo
+def grpo_liger(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, group_size=4,
+               beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+               max_completion_length=None, num_tokens=None, scale_rewards=True,
+               reduction="mean"):
+    """The loss Liger's chunked GRPO applies to the per-token log-probs it computes
+    (``ppo_loss_fn``), with our advantages; 16-bit inputs in float32 as our reference."""
+    from lossreg_plugins.grpo import _options, _validate, advantages, divisor
+
+    from ._peers_chunked import grpo_options
+
+    o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
+                 max_completion_length, num_tokens, scale_rewards)
+    _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
+    if reduction == "none":
+        raise _unsupported("grpo", "liger", "reduction='none'",
+                           "Liger's GRPO returns only the reduced loss")
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction
+
+    keep = mask != 0
+    lp = _upcast(log_probs)
+    m = keep.to(lp.dtype)
+    ref = _upcast(ref_log_probs.detach()) if beta and ref_log_probs is not None else None
+    loss, _ = LigerFusedLinearGRPOFunction.ppo_loss_fn(
+        lp, m, advantages(rewards.to(lp.dtype), group_size, scale_rewards), m,
+        ref_per_token_logps=ref, old_per_token_logps=_upcast(old_log_probs.detach()),
+        num_items_in_batch=num_tokens if loss_type == "dapo" else None,
+        **grpo_options(o, keep))
+    if reduction == "sum":
+        loss = loss * divisor(keep, o)
+    return loss.to(log_probs.dtype)

@@ -66,7 +66,9 @@ from ._peers_distill import (
     kl_liger_kl_div,
     tvd_liger,
 )
-from ._peers_rl import cpo_liger, dpo_liger, kto_liger, orpo_liger, simpo_liger
+from ._peers_rl import cpo_liger, dpo_liger, grpo_liger, kto_liger, orpo_liger, simpo_liger
+
+FUSED_PREFERENCE = ("dpo", "orpo", "cpo", "simpo", "kto")
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -253,10 +255,12 @@ def _impls():
         description="Liger-Kernel fused linear JSD (Triton), all directions; no "
                     "reduction='none'")
     yield "fused_linear_distillation", Impl(
-        "liger_chunked", fld_liger_chunked, **liger, dtypes=HALF_AND_SINGLE,
+        "liger_chunked", fld_liger_chunked, **liger, dtypes=("float32",),
         grad_in_forward=True,
         description="Liger-Kernel chunked LigerFusedLinearJSDLoss (eager PyTorch, soft "
-                    "loss only); no reduction='none'")
+                    "loss only); no reduction='none'. float32 only: it takes the "
+                    "log-softmax and divergence in the input dtype, 2-30x the bfloat16 "
+                    "and float16 tolerances (see fld_liger_chunked)")
     yield "jsd", Impl(
         "liger", jsd_liger, **liger, dtypes=HALF_AND_SINGLE, grad_in_forward=True,
         description="Liger-Kernel liger_jsd on tempered log-softmaxes; no reduction='none'")
@@ -286,6 +290,34 @@ def _impls():
         "liger", dpo_liger, **liger,
         description="Liger-Kernel's DPO preference loss on sequence log-probs (sigmoid, "
                     "hinge); no ipo, label smoothing or reduction='none'")
+    yield "grpo", Impl(
+        "liger", grpo_liger, **eager,
+        description="Liger-Kernel chunked GRPO's per-token loss (ppo_loss_fn) on our "
+                    "per-token log-probs and advantages; no reduction='none'")
+    yield from _chunked_impls({**eager, "grad_in_forward": True})
+
+
+def _chunked_impls(common):
+    """Liger's chunked losses (eager, compiled=False) for our fused-linear losses. They
+    form the logits in the inputs' dtype (log-softmax in float32): float16 gradients come
+    out ~3e-3 off, past float16's tolerance (bfloat16's is wider), and GRPO's bfloat16
+    logits move tokens across the clip's kinks, so those dtypes are not declared."""
+    from . import _peers_chunked as pc
+
+    common = {**common, "dtypes": ("float32", "bfloat16")}
+    why = {"dpo": "sigmoid, hinge; no ipo, label smoothing", "orpo": "equal chosen lengths "
+           "only (Liger's NLL is a token mean over the batch)", "cpo": "its NLL weight "
+           "rescaled to ours", "simpo": "length-normalized", "kto": "no desirable / undesirable weights"}
+    for name in FUSED_PREFERENCE:
+        cls = {"simpo": "SimPO"}.get(name, name.upper())
+        yield f"fused_linear_{name}", Impl(
+            "liger", getattr(pc, f"{name}_liger"), **common,
+            description=f"Liger-Kernel chunked LigerFusedLinear{cls}Loss (eager "
+                        f"PyTorch, a pair at a time); {why[name]}; no reduction='none'")
+    yield "fused_linear_grpo", Impl(
+        "liger", pc.grpo_liger, **{**common, "dtypes": ("float32",)},
+        description="Liger-Kernel chunked LigerFusedLinearGRPOLoss (eager PyTorch, a "
+                    "sequence at a time, our advantages and log-probs); no reduction='none'")
 
 
 @hookimpl

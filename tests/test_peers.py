@@ -44,6 +44,9 @@ PEER_IMPLS = {
     ("cpo", "liger"): "liger_kernel",
     ("simpo", "liger"): "liger_kernel",
     ("kto", "liger"): "liger_kernel",
+    ("grpo", "liger"): "liger_kernel",
+    **{(f"fused_linear_{name}", "liger"): "liger_kernel"
+       for name in ("dpo", "orpo", "cpo", "simpo", "kto", "grpo")},
 }
 BACKEND = {"liger_kernel": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
 PEER_MODULES = ("liger_kernel", "cut_cross_entropy")
@@ -325,11 +328,12 @@ def _unsupported_only(df):
                                                                         na=False)]
 
 
-def _check_in_process(loss, impl_name, dtype=torch.float32, edge_cases=True):
+def _check_in_process(loss, impl_name, dtype=torch.float32, edge_cases=True, inputs_of=None):
     """Every option set of the loss (and its edge cases under the default options) at
     the quick size, through the adapter, against the float64 reference: forward and
     gradients at the dtype's tolerance. Returns the messages of the refused option
-    sets (UnsupportedOption); any other error or a mismatch fails the test."""
+    sets (UnsupportedOption); any other error or a mismatch fails the test.
+    ``inputs_of`` maps each case's inputs to the ones checked."""
     spec = lossreg.get(loss)
     impl = spec.implementations[impl_name]
     rtol, atol = spec.tolerance(str(dtype).removeprefix("torch."))
@@ -344,6 +348,7 @@ def _check_in_process(loss, impl_name, dtype=torch.float32, edge_cases=True):
                       for name, make in spec.edge_cases.items() if "multi_block" not in name
                       and "split" not in name]
         for inputs in cases:
+            inputs = inputs_of(inputs) if inputs_of else inputs
             names = spec.grad_names(inputs)
             leaves = {k: v.detach().clone().requires_grad_(True) if k in names else v
                       for k, v in inputs.items()}
@@ -586,17 +591,8 @@ def test_gpu_check_includes_the_peer_impls(monkeypatch):
 
 # ------------------------------------------------------------------ the real library
 #: (loss, impl) -> what the real peer refuses on CPU (UnsupportedOption messages).
-#: open: since the cross-entropy options landed, Liger's CE kernel stops under the
-#: interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel"); not yet
-#: known whether an option set or lossreg's interpreter patches trigger it
-OPEN_INTERPRETER = {
-    ("cross_entropy", "liger"): "Liger's CE kernel fails under the interpreter (open)",
-    ("fused_linear_cross_entropy", "liger"): "Liger's CE kernel fails under the interpreter "
-                                             "(open)",
-}
-
 REAL_REFUSALS = {
-    ("cross_entropy", "liger"): {"weight on CPU"},
+    ("cross_entropy", "liger"): {"weight on CPU", "softcap on CPU"},
     ("fused_linear_cross_entropy", "liger"): {"softcap on CPU"},
     ("kl_distillation", "liger"): {"reduction='none'"},
     ("fused_linear_distillation", "liger"): {"reduction='none'"},
@@ -607,7 +603,26 @@ REAL_REFUSALS = {
     ("cpo", "liger"): {"reduction='none'"},
     ("simpo", "liger"): {"reduction='none'"},
     ("kto", "liger"): {"reduction='none'", "desirable_weight"},
+    ("fused_linear_dpo", "liger"): {"reduction='none'", "loss_type='ipo'", "label_smoothing"},
+    ("fused_linear_orpo", "liger"): {"reduction='none'"},
+    ("fused_linear_cpo", "liger"): {"reduction='none'"},
+    ("fused_linear_simpo", "liger"): {"reduction='none'"},
+    ("fused_linear_kto", "liger"): {"reduction='none'", "desirable_weight"},
+    ("fused_linear_grpo", "liger"): {"reduction='none'"},
+    ("grpo", "liger"): {"reduction='none'"},
 }
+
+
+def _equal_lengths(inputs):
+    """Every sequence with the first one's prompt and padding (ignore_index) positions."""
+    t = inputs["target"]
+    keep = (t[:1] != -100).expand_as(t)
+    return {**inputs, "target": torch.where(keep, t.clamp(min=0), -100)}
+
+
+#: Inputs a peer is checked on where it computes our function only on some: Liger's ORPO
+#: NLL is a token mean over the batch, ours a mean of per-response means.
+REAL_INPUTS = {("fused_linear_orpo", "liger"): _equal_lengths}
 #: Run only on a GPU: the peer's kernel fails under Triton's interpreter (or is compiled).
 GPU_ONLY = {("kl_distillation", "liger_kl_div"), ("tvd", "liger"),
             ("fused_linear_cross_entropy", "cce")}
@@ -651,12 +666,72 @@ def test_real_peer_matches_the_reference(loss, impl):
     pytest.importorskip(PEER_IMPLS[(loss, impl)])
     if loss not in _registered():
         pytest.skip(f"{loss} is not registered in this build")
-    if (loss, impl) in OPEN_INTERPRETER:
-        pytest.xfail(OPEN_INTERPRETER[loss, impl])
-    refused = _check_in_process(loss, impl, edge_cases=DEEP)
+    refused = _check_in_process(loss, impl, edge_cases=DEEP,
+                                inputs_of=REAL_INPUTS.get((loss, impl)))
     expected = REAL_REFUSALS[(loss, impl)]
     assert {u for u in expected for m in refused if u in m} <= expected
     assert all(any(u in m for u in expected) for m in refused), refused
+
+
+def _fused_inputs(loss, seed=3, dtype=torch.float64):
+    spec = lossreg.get(loss)
+    return spec.make_inputs(Case(n=3, dtype=dtype, seed=seed,
+                                 params=spec.case_params("quick", dict(spec.options))))
+
+
+def test_orpo_peer_refuses_unequal_lengths_before_calling_liger(monkeypatch):
+    """Refused from the targets alone: no Liger import needed (hidden here)."""
+    from lossreg_plugins import _peers_chunked as pc
+
+    hide_peers(monkeypatch)
+    inputs = _fused_inputs("fused_linear_orpo")
+    chosen = (inputs["target"][:3] != -100).sum(-1)
+    assert len(set(chosen.tolist())) > 1
+    with pytest.raises(lossreg.UnsupportedOption, match="different lengths"):
+        pc.orpo_liger(**inputs)
+
+
+@pytest.mark.parametrize("loss, cls, kwargs", [
+    ("fused_linear_cpo", "LigerFusedLinearCPOLoss", {"beta": 0.1, "alpha": 1.0}),
+    ("fused_linear_orpo", "LigerFusedLinearORPOLoss", {"beta": 0.1}),
+])
+def test_liger_nll_convention_differs_from_ours(loss, cls, kwargs):
+    """Why the adapters rescale (CPO) or refuse (ORPO): Liger's NLL term as it comes
+    (alpha x the chosen tokens' mean NLL over the batch) is not our loss on sequences of
+    different lengths; the CPO adapter's alpha' = alpha x tokens / pairs is."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel import chunked_loss
+    from lossreg_plugins import _peers_chunked as pc
+
+    inputs = _fused_inputs(loss)
+    ref = lossreg.get(loss).reference(**inputs)
+    raw = getattr(chunked_loss, cls)(compiled=False, **kwargs)(
+        inputs["weight"], inputs["hidden"], inputs["target"])[0]
+    assert not torch.allclose(raw.double(), ref, rtol=1e-3)
+    if loss == "fused_linear_cpo":
+        torch.testing.assert_close(pc.cpo_liger(**inputs, **kwargs), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_triton_kernels_run_whatever_the_import_order():
+    """The former open failure: a test importing liger_kernel (hence Triton) before
+    lossreg's kernels package set TRITON_INTERPRET=1 left triton.language's own @jit
+    helpers (tl.max...) compiled, and Liger's interpreted CE kernel stopped at its
+    first tl.max: "Cannot call @triton.jit'd outside of the scope of a kernel". The
+    peers plugin now sets the interpreter up on import, before any peer imports Triton."""
+    pytest.importorskip("liger_kernel")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is for machines without a GPU")
+    import subprocess
+
+    code = ("from lossreg_plugins import peers\n"
+            "import liger_kernel.transformers.functional, torch\n"
+            "x = torch.randn(5, 7, requires_grad=True)\n"
+            "peers.ce_liger(x, torch.arange(5)).backward()\n"
+            "print('ok', x.grad.isfinite().all().item())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "ok True" in res.stdout, res.stderr[-2000:]
 
 
 @pytest.mark.skipif(not DEEP, reason="the harness run of a peer: LOSSREG_DEEP_TESTS=1")
