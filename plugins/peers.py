@@ -31,8 +31,12 @@ What maps where (Liger-Kernel 0.8 API; cut-cross-entropy 25.1 API):
 * ``jsd`` / ``tvd`` ``liger``: ``liger_jsd`` on the tempered log-softmaxes, ``liger_tvd``
   on the tempered softmaxes (CUDA only: it fails under Triton's interpreter).
 * ``dpo``, ``orpo``, ``cpo``, ``simpo``, ``kto`` ``liger``: the preference losses Liger's
-  chunked losses apply to sequence log-probs (``preference_loss_fn``), in
+  chunked losses apply to sequence log-probs (``preference_loss_fn``), and ``grpo``
+  ``liger``: its GRPO ``ppo_loss_fn`` on per-token log-probs, in
   :mod:`lossreg_plugins._peers_rl`.
+* ``fused_linear_dpo`` / ``_orpo`` / ``_cpo`` / ``_simpo`` / ``_kto`` / ``_grpo``
+  ``liger``: Liger's chunked ``LigerFusedLinear*Loss`` modules (eager), in
+  :mod:`lossreg_plugins._peers_chunked`, which documents the conventions mapped.
 
 Our temperature convention multiplies the divergence by T^2; Liger's does not, so the
 adapters do. Liger's means divide by the rows; ``sum`` multiplies that back.

@@ -739,7 +739,8 @@ def test_liger_triton_kernels_run_whatever_the_import_order():
 def test_real_peer_passes_the_harness_check(loss, impl):
     pytest.importorskip(PEER_IMPLS[(loss, impl)])
     df, _ = execute([loss], device="cpu", impls=[impl], sizes="quick")
-    assert (df["status"] == "ok").sum() >= 4
+    # a peer checked on some inputs only (REAL_INPUTS) refuses most of the harness's
+    assert (df["status"] == "ok").sum() >= (1 if (loss, impl) in REAL_INPUTS else 4)
     _unsupported_only(df)
 
 
