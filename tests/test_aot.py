@@ -265,3 +265,16 @@ def test_the_same_kernel_reads_the_same_with_any_selection():
     assert len(seen[0]) == 2 and all(s == seen[0] for s in seen), seen
     assert not any(e["cached"] for r in runs[:3] for e in r)
     assert all(e["registers"] <= 128 for e in runs[0])  # the template's register cap
+
+
+def test_hints_skip_what_the_kernel_does_not_specialize():
+    """A launch gives ``do_not_specialize`` arguments no divisibility hint: neither
+    does the AOT build (with one, the row-wise kernels read 128-bit that at a launch
+    moved 32-bit)."""
+    from types import SimpleNamespace as NS
+
+    params = [NS(name=n, do_not_specialize=n == "T", do_not_specialize_on_alignment=False)
+              for n in ("X", "T", "N", "BLOCK")]
+    kernel = NS(params=params, arg_names=[p.name for p in params])
+    attrs = aot._attrs(kernel, {"X": "*fp32", "T": "i32", "N": "i64", "BLOCK": "constexpr"})
+    assert set(attrs) == {(0,), (2,)}

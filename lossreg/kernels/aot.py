@@ -214,16 +214,18 @@ def _build(i: int) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def _run(todo: list, jobs: int) -> list[dict]:
+def _run(todo: list, jobs: int):
+    """Yield each of ``todo``'s records in order, as they are ready."""
     _TODO[:] = todo
     if jobs <= 1 or len(todo) <= 1:
-        return [_build(i) for i in range(len(todo))]
+        yield from map(_build, range(len(todo)))
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(jobs, len(todo)),
                              mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_build, range(len(todo)), chunksize=1))
+        yield from pool.map(_build, range(len(todo)), chunksize=1)
 
 
 def compile_all(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None,
@@ -249,9 +251,12 @@ def compile_all(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, varian
             records[name] = {**hit, "cached": True}
         else:
             todo[name] = (kernel, signature, constexprs, options, cc, t["dtype"])
-    for name, record in zip(todo, _run(list(todo.values()), jobs)):
-        if cache and record["ok"]:
+    hits = len(records)
+    for i, (name, record) in enumerate(zip(todo, _run(list(todo.values()), jobs)), 1):
+        if cache and record["ok"]:  # as each arrives: an interrupted run keeps them
             aot_cache.store(name, record)
+        if i % 50 == 0 or i == len(todo):
+            print(f"aot: compiled {i}/{len(todo)} ({hits} read from the cache)", file=sys.stderr)
         records[name] = {**record, "cached": False}
     for t, name in zip(tasks, keys):
         if name is not None:
