@@ -65,6 +65,7 @@ LOSSSPEC_FIELDS: dict[str, F.Rule] = {
     "edge_cases": F.edge_cases,
     "check_options": F.option_sets,
     "mean_count": F.optional(F.function),
+    "pinned_reference": F.optional(F.function),
     "input_domains": F.input_domains,
     "plugin": F.text,
 }
@@ -224,6 +225,14 @@ class LossSpec:
     #: input name -> the values it may hold, for the generated bad-input tests (the forms are
     #: in `lossreg.validate.DOMAIN_KINDS`), e.g. {"target": ("index", lambda inputs: 10)}.
     input_domains: dict[str, tuple] = field(default_factory=dict)
+    #: (inputs, options) -> a function with the reference's signature that evaluates the
+    #: loss at the discrete choices (a mined pair, an argmax, a hinge's active set) a
+    #: correct computation in the inputs' own dtype makes. `lossreg.verify` judges 16-bit
+    #: results against it (run on the float64 copies of the inputs) instead of
+    #: `reference`: rounding flips choices between candidates tied within the dtype's
+    #: precision, and a flip moves the gradient to other rows, which no tolerance should
+    #: absorb. Say in `description` how the choices are made. None: `reference`.
+    pinned_reference: Callable[[Mapping[str, Any], Mapping[str, Any]], Callable] | None = None
     #: Filled in by the registry.
     plugin: str = ""
     implementations: dict[str, Impl] = field(default_factory=dict)

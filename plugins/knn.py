@@ -386,21 +386,39 @@ def _hinge(z: torch.Tensor, soft_margin: bool) -> torch.Tensor:
 def batch_hard_reference(input, target, margin=1.0, soft_margin=False, eps=1e-12,
                          reduction="mean"):
     """Distance matrix D_ij = sqrt(|x_i - x_j|^2 + eps) (Gram form), per anchor the max over
-    its positives and the min over its negatives (first index on ties), then the hinge."""
+    its positives and the min over its negatives (first index on ties), then the hinge.
+    16-bit inputs are computed in float32 (`_work`), the result rounded back."""
     _validate_batch_hard(input, target, margin, soft_margin, eps, reduction)
-    sq = (input * input).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * input @ input.T).clamp_min(0.0)
+    x = _work(input)
+    sq = (x * x).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(0.0)
     dist = torch.sqrt(d2 + eps)
     same = target[:, None] == target[None, :]
     self_pair = torch.eye(len(target), dtype=torch.bool, device=input.device)
     hardest_pos = dist.masked_fill(~same | self_pair, float("-inf")).max(dim=1).values
     hardest_neg = dist.masked_fill(same, float("inf")).min(dim=1).values
-    return reduce_loss(_hinge(margin + hardest_pos - hardest_neg, soft_margin), reduction)
+    out = reduce_loss(_hinge(margin + hardest_pos - hardest_neg, soft_margin), reduction)
+    return out.to(input.dtype)
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
-    """Mining needs at least float32: half-precision distances tie far too often."""
+    """Mining needs at least float32: half-precision distances tie far too often, and
+    in float16 eps = 1e-12 underflows, so that sqrt(0 + eps)'s gradient (the masked
+    self-pair's) is inf and times its zero cotangent NaN."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def batch_hard_pinned(inputs, options):
+    """The float64 loss at the pairs a 16-bit computation mines: hardest positive and
+    negative per anchor from float32 distances of the 16-bit embeddings (`mine_chunked`),
+    as every implementation mines them (`LossSpec.pinned_reference`)."""
+    pos, neg = mine_chunked(inputs["input"], inputs["target"])
+
+    def at_pairs(input, target, margin=1.0, soft_margin=False, eps=1e-12, reduction="mean"):
+        _validate_batch_hard(input, target, margin, soft_margin, eps, reduction)
+        return _loss_from_indices(input, pos, neg, margin, soft_margin, eps, reduction)
+
+    return at_pairs
 
 
 def _nonfinite_as_mined(d: torch.Tensor, mined_d2: torch.Tensor, eps) -> torch.Tensor:
@@ -595,7 +613,11 @@ def register_losses(register):
                     "at least two members per class. soft_margin=True replaces [z]_+ by "
                     "log(1 + e^z) (the paper's soft margin; use margin=0 for it exactly). "
                     "Ties between candidates go to the lowest index, as torch.max(dim) "
-                    "does; the gradient flows through the chosen pair only.",
+                    "does; the gradient flows through the chosen pair only. 16-bit "
+                    "embeddings are mined (and the reference computed) in float32: "
+                    "16-bit distances tie far too often. Their checks judge against the "
+                    "float64 loss at the pairs mined so (pinned_reference): a near-tie "
+                    "flipped by rounding moves an anchor's gradient to another row.",
         citation="Hermans, Beyer & Leibe, In Defense of the Triplet Loss for Person "
                  "Re-Identification, arXiv:1703.07737 (2017)",
         reference=batch_hard_reference, make_inputs=batch_inputs,
@@ -603,7 +625,7 @@ def register_losses(register):
         check_options=reductions() + [{"soft_margin": True, "margin": 0.0},
                                       {"margin": 0.2}],
         grad_inputs=("input",), sizes=BATCH_SIZES, x_name="batch",
-        bytes_moved=_batch_bytes, flops=_batch_flops, edge_cases=BATCH_EDGE_CASES))
+        pinned_reference=batch_hard_pinned, bytes_moved=_batch_bytes, flops=_batch_flops, edge_cases=BATCH_EDGE_CASES))
 
 
 @hookimpl
