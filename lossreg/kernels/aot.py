@@ -63,9 +63,6 @@ from .aot_sass import (  # noqa: F401  (the report's readers, re-exported)
 DTYPES = ("fp32", "bf16", "fp16")
 ARCHS = (80, 90)
 
-#: one instance of each template, compiled by the default test (the rest: slow)
-REPRESENTATIVE = ("mse", "kmeans_nearest")
-
 #: (instance, kernel, dtype, arch, variant substring) -> why it breaks a rule today.
 #: The tests require the violations to be exactly these: a new one fails, and a fixed
 #: one must be taken off the list.
@@ -205,10 +202,26 @@ def plan(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None
 _TODO: list = []  # the sources a forked worker compiles, by index
 
 
+def _attributed(compiled, cc: int) -> None:
+    """Raise unless the cubin read is this compile's: one function, the kernel's name,
+    for ``sm_{cc}`` (a report is never another kernel's or another arch's)."""
+    import re
+
+    from .aot_sass import _cuobjdump
+
+    names = re.findall(r"Function (\S+):", _cuobjdump(compiled.asm["cubin"],
+                                                      "--dump-resource-usage"))
+    target = compiled.metadata.target
+    if names != [compiled.metadata.name] or getattr(target, "arch", cc) != cc:
+        raise RuntimeError(f"the cubin holds {names} for {target}, not "
+                           f"{compiled.metadata.name} for sm_{cc}")
+
+
 def _build(i: int) -> dict:
     kernel, signature, constexprs, options, cc, dtype = _TODO[i]
     try:
         compiled = compile_one(kernel, signature, constexprs, options, cc)
+        _attributed(compiled, cc)
         return {"ok": True, **describe(compiled, cc, dtype)}
     except Exception as exc:  # noqa: BLE001
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
