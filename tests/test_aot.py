@@ -278,3 +278,21 @@ def test_hints_skip_what_the_kernel_does_not_specialize():
     kernel = NS(params=params, arg_names=[p.name for p in params])
     attrs = aot._attrs(kernel, {"X": "*fp32", "T": "i32", "N": "i64", "BLOCK": "constexpr"})
     assert set(attrs) == {(0,), (2,)}
+
+
+@pytest.mark.parametrize("listing,arch,ok", [(" Function _k:\n  REG:30", 90, True),
+                                             (" Function _k:\n Function _j:", 90, False),
+                                             (" Function _j:\n  REG:30", 90, False),
+                                             (" Function _k:\n  REG:30", 80, False)])
+def test_a_report_must_be_the_compiled_kernels_own(monkeypatch, listing, arch, ok):
+    from types import SimpleNamespace as NS
+
+    from lossreg.kernels import aot_sass
+
+    monkeypatch.setattr(aot_sass, "_cuobjdump", lambda cubin, flag: listing)
+    compiled = NS(asm={"cubin": b""}, metadata=NS(name="_k", target=NS(arch=90)))
+    if ok:
+        aot._attributed(compiled, arch)
+    else:
+        with pytest.raises(RuntimeError):
+            aot._attributed(compiled, arch)
