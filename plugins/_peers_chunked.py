@@ -63,6 +63,14 @@ def _reduced(out, reduction: str, divisor, dtype):
     return (out * divisor if reduction == "sum" else out).to(dtype)
 
 
+def no_rows(reduction: str, divisor, dtype, *tensors):
+    """No rows: torch's convention (sum 0, mean 0 / our divisor: NaN, or 0 where that is
+    a clamped count) with a zero gradient, without calling Liger (its chunking needs a
+    row)."""
+    zero = sum(t.sum() for t in tensors) * 0
+    return (zero / divisor if reduction == "mean" else zero).to(dtype)
+
+
 def _no_none(loss: str, reduction: str) -> None:
     if reduction == "none":
         raise _unsupported(loss, IMPL, "reduction='none'",
@@ -81,9 +89,11 @@ def _run(loss: str, a: dict, cls: str, **liger):
         kl = a["kl"]
         extra.update(preference_labels=a["desirable"] != 0,
                      kl=None if kl is None else kl.detach().float().clamp(min=0))
+    units = t.shape[0] // (1 if "desirable" in a else 2)
+    if not units:
+        return no_rows(a["reduction"], units, h.dtype, h, a["weight"])
     fn = _chunked(cls)(ignore_index=int(a["ignore_index"]), compiled=False, **liger)
     out = fn(_input=h, lin_weight=a["weight"], target=t.long(), **extra)
-    units = t.shape[0] // (1 if "desirable" in a else 2)
     return _reduced(out, a["reduction"], units, h.dtype)
 
 
@@ -107,7 +117,7 @@ def orpo_liger(hidden, weight, target, beta=0.1, ignore_index=-100, reduction="m
     a = locals()
     _validated(loss := "fused_linear_orpo", a)
     chosen = (target[: target.shape[0] // 2] != ignore_index).sum(-1)
-    if bool((chosen != chosen[0]).any()):
+    if chosen.numel() and bool((chosen != chosen[0]).any()):
         raise _unsupported(loss, IMPL, "chosen responses of different lengths",
                            "Liger's NLL term is the mean over all chosen tokens of the "
                            "batch, ours (ORPO's) the mean over pairs of each response's "
@@ -123,7 +133,7 @@ def cpo_liger(hidden, weight, target, beta=0.1, alpha=1.0, ignore_index=-100,
     tokens = int((target[:pairs] != ignore_index).sum())
     # Liger: alpha' x (chosen NLL summed) / tokens; ours: alpha x (the same sum) / pairs
     return _run(loss, a, "LigerFusedLinearCPOLoss", beta=float(beta),
-                alpha=float(alpha) * tokens / pairs, compute_nll_loss=bool(alpha),
+                alpha=float(alpha) * tokens / max(pairs, 1), compute_nll_loss=bool(alpha),
                 average_log_prob=False)
 
 
@@ -173,6 +183,8 @@ def grpo_liger(hidden, weight, target, old_log_probs, rewards, ref_log_probs=Non
                    ignore_index, reduction)
     _no_none(loss, reduction)
     keep = target != ignore_index
+    if not keep.shape[0]:
+        return no_rows(reduction, divisor(keep, o), hidden.dtype, hidden, weight)
     use_ref = bool(beta) and ref_log_probs is not None
     fn = _chunked("LigerFusedLinearGRPOLoss")(compiled=False, use_ref_model=use_ref,
                                               **grpo_options(o, keep))

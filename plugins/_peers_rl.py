@@ -139,7 +139,7 @@ def grpo_liger(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, grou
     (``ppo_loss_fn``), with our advantages; 16-bit inputs in float32 as our reference."""
     from lossreg_plugins.grpo import _options, _validate, advantages, divisor
 
-    from ._peers_chunked import grpo_options
+    from ._peers_chunked import grpo_options, no_rows
 
     o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
                  max_completion_length, num_tokens, scale_rewards)
@@ -150,6 +150,8 @@ def grpo_liger(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, grou
     from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction
 
     keep = mask != 0
+    if not keep.shape[0]:
+        return no_rows(reduction, divisor(keep, o), log_probs.dtype, log_probs)
     lp = _upcast(log_probs)
     m = keep.to(lp.dtype)
     ref = _upcast(ref_log_probs.detach()) if beta and ref_log_probs is not None else None
