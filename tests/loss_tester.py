@@ -51,13 +51,8 @@ EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 #: 16-bit rows still failing for a reason inherent to the loss, open in issue 18 and
 #: explained in docs/numerics.md ("Still failing"); each runs, and shows as XPASS once
 #: fixed so that the entry can go.
-_MINING = "the 16-bit run mines other hardest pairs than float64 (like-with-like hook owed)"
 OPEN_LOWPREC: dict[tuple[str, str], str] = {
-    ("batch_hard_triplet", "bfloat16"): _MINING,
-    ("batch_hard_triplet", "float16"): _MINING + "; NaN/inf where float64 is finite",
     ("triplet", "bfloat16"): "cosine/swap option set: triplets cross the hinge under rounding",
-    ("perplexity", "bfloat16"): "exp amplifies the rounded mean loss (2.2-3.7%)",
-    ("perplexity", "float16"): "exp amplifies the rounded mean loss (0.3%)",
     ("info_nce", "bfloat16"): "rounded cosine logits over temperature 0.02 (2.0-2.6%)",
     ("info_nce", "float16"): "rounded cosine logits over temperature 0.02 (0.3%)",
     ("entropy_impurity", "float16"): "log p of small rounded probabilities (gradient 0.86%)",

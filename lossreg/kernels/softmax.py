@@ -217,7 +217,8 @@ def row_loss(stats: torch.Tensor, target: torch.Tensor, weight, ignore_index: in
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, eps, z_loss, reduction, inplace):
+    def forward(ctx, logits, target, weight, ignore_index, eps, z_loss, reduction, inplace,
+                out_dtype):
         n_rows, n_cls = logits.shape
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
         target = target.contiguous()
@@ -260,11 +261,11 @@ class _CrossEntropy(torch.autograd.Function):
         if reduction == "none":
             stats[:, 0, :2] = max_r
             ctx.save_for_backward(x, target, w, stats, params)
-            return loss.to(logits.dtype)
+            return loss.to(out_dtype)
         ctx.save_for_backward(dx)
         total = loss.sum()
         out = total / denom if reduction == "mean" else total
-        return out.to(logits.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -275,7 +276,7 @@ class _CrossEntropy(torch.autograd.Function):
                 _scale_unless_one[(triton.cdiv(flat.numel(), 4096),)](
                     flat, grad_out.reshape(1).contiguous(), flat.numel(),
                     ACC=tl_acc(dx.dtype), BLOCK=4096, num_warps=8)
-            return dx, None, None, None, None, None, None, None
+            return dx, None, None, None, None, None, None, None, None
         x, target, w, stats, params = ctx.saved_tensors
         ignore_index, parts, chunk, common = ctx.meta
         n_rows, n_cls = x.shape
@@ -286,13 +287,15 @@ class _CrossEntropy(torch.autograd.Function):
                 x, target, w if w is not None else x, stats, dx, g, g, params, x.stride(0),
                 dx.stride(0), n_cls, chunk, ignore_index, DO_STATS=False, DO_GRAD=True,
                 G_PER_ROW=True, **common)
-        return dx, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, None, None
 
 
 class CrossEntropyKernel:
     """``(logits (N, C), target (N,), weight=None, ignore_index=-100,
-    label_smoothing=0.0, z_loss=0.0, reduction="mean", inplace_backward=False)``.
-    Accumulates in float64 for float64 logits, else in float32."""
+    label_smoothing=0.0, z_loss=0.0, reduction="mean", inplace_backward=False,
+    out_dtype=None)``. Accumulates in float64 for float64 logits, else in float32;
+    returns the loss in ``out_dtype`` (default the logits' dtype: float32 spares a 16-bit
+    caller the rounding of a loss it transforms further, as perplexity's exp)."""
 
     name = "cross_entropy"
 
@@ -300,12 +303,12 @@ class CrossEntropyKernel:
         TEMPLATE_INSTANCES.append(self)
 
     def __call__(self, logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                 z_loss=0.0, reduction="mean", inplace_backward=False):
+                 z_loss=0.0, reduction="mean", inplace_backward=False, out_dtype=None):
         if not HAVE_TRITON:
             raise ImportError("cross_entropy: triton is not installed")
         return _CrossEntropy.apply(logits, target, weight, int(ignore_index),
                                    float(label_smoothing), float(z_loss), reduction,
-                                   bool(inplace_backward))
+                                   bool(inplace_backward), out_dtype or logits.dtype)
 
     def aot_sources(self, dtype: str = "fp32"):
         p = f"*{dtype}"

@@ -169,3 +169,46 @@ class TestCrossEntropy(LossTester):
 
 class TestPerplexity(LossTester):
     loss = "perplexity"
+
+
+def _ppl_rows(impl, dtype, seeds=(0, 1, 2)):
+    """Forward and gradient verdicts of perplexity as the check makes them."""
+    from lossreg import verify
+    from lossreg.spec import DTYPES, Case
+    spec = lossreg.get("perplexity")
+    n, tol = min(spec.sizes["quick"]), spec.tolerance(dtype)
+    rows = []
+    for seed in seeds:
+        x = spec.make_inputs(Case(n, DTYPES[dtype], "cpu", seed=seed,
+                                  params=spec.case_params("quick", spec.options)))
+        rows += [verify.check_forward(spec, impl, x, spec.options, tol),
+                 verify.check_gradient(spec, impl, x, spec.options, tol, seed)]
+    return rows
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_perplexity_16bit_verdicts_tell_exp_of_a_rounded_loss(dtype):
+    """exp of a mean loss L already rounded to 16 bits is off by up to L u (bfloat16 3.5%
+    at L ~ 9) in the value and as a common factor of the gradient: the 16-bit verdicts
+    reject that formulation and a 1%-wrong implementation, while the implementations
+    (exp taken in float32, rounded once) pass them, their worst error within a factor 10
+    of the tolerance (narrowed to 8e-3 in bfloat16; float16's default)."""
+    from lossreg.spec import Impl
+    from test_lowprec import one_percent_wrong
+    spec = lossreg.get("perplexity")
+    rtol = spec.tolerance(dtype)[0]
+    assert rtol < 1e-2, "a 1% error must fail on the norm: the fit cannot see it here"
+
+    def exp_of_rounded(input, target, ignore_index=-100):
+        return torch.exp(F.cross_entropy(input, target, ignore_index=ignore_index))
+
+    assert not all(v.ok for v in _ppl_rows(Impl("rounded_l", exp_of_rounded), dtype))
+    assert not all(v.ok for v in _ppl_rows(one_percent_wrong(spec), dtype))
+    for name, impl in spec.implementations.items():
+        if name == "compile" or (impl.backend == "triton" and not (
+                HAVE_TRITON and interpreting())):
+            continue
+        rows = _ppl_rows(impl, dtype)
+        assert all(v.ok for v in rows), (name, [v.message for v in rows])
+        worst = max(v.rel for v in rows)
+        assert worst > rtol / 10, f"{name}: worst rel {worst:.3g}, tolerance {rtol:g}"
