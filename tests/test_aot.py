@@ -171,6 +171,7 @@ def _check(report, rc):
 
 
 @needs_triton
+@pytest.mark.timeout(1800)  # a cold cache on a busy 2-core machine: over the default 900 s
 def test_every_kernel_passes_once_per_arch_and_dtype():
     """Every (template instance, kernel) on sm_80 and sm_90 in float32 and bfloat16, one
     specialization each (``--each``; the whole matrix is the deep test below). Cached in
@@ -235,6 +236,7 @@ def test_rowwise_compiles_for_a_single_class():
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.skipif(not DEEP, reason="the whole matrix: LOSSREG_DEEP_TESTS=1")
+@pytest.mark.timeout(4 * 3600)
 def test_every_template_kernel_passes():
     report, rc = _compile(["--jobs", "2", "--dtype", "fp32", "--dtype", "bf16"],
                           timeout=4 * 3600)
