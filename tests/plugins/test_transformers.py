@@ -216,6 +216,30 @@ class TestFusedLinearCrossEntropy(LossTester):
 class TestFusedLinearDistillation(LossTester):
     loss = "fused_linear_distillation"
 
+    @pytest.mark.parametrize("half", ["bfloat16", "float16"])
+    def test_liger_chunked_is_float32_only_for_its_arithmetic_dtype(self, half):
+        """liger_chunked declares float32 only: in 16 bits it misses the dtype's tolerance
+        (so the declaration is needed), while the same Liger call on the same rounded
+        values in float32 is right (so its formula is, and no tolerance is owed)."""
+        pytest.importorskip("liger_kernel")
+        spec = self.spec
+        impl = spec.implementations["liger_chunked"]
+        assert impl.dtypes == ("float32",) and "input dtype" in impl.description
+        dt, opts = getattr(torch, half), {**spec.options, "direction": "reverse",
+                                           "temperature": 2.0}
+        worst16, worst32 = 0.0, 0.0
+        for seed in range(3):
+            inputs = spec.make_inputs(Case(13, dt, "cpu", seed=seed,
+                                           params=spec.case_params("quick", opts)))
+            ref = spec.reference(**{k: v.double() for k, v in inputs.items()}, **opts)
+            out16 = impl.fn(**inputs, **opts).double()
+            out32 = impl.fn(**{k: v.float() for k, v in inputs.items()}, **opts).double()
+            worst16 = max(worst16, float((out16 - ref).abs() / ref.abs()))
+            worst32 = max(worst32, float((out32 - ref).abs() / ref.abs()))
+        assert worst16 > spec.tolerance(half)[0]
+        assert worst32 < spec.tolerance("float32")[0]
+
+
 
 class TestInfoNce(LossTester):
     loss = "info_nce"
