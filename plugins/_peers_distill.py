@@ -97,9 +97,8 @@ def fld_liger_chunked(student_hidden, student_weight, teacher_hidden, teacher_we
     T=2; 31% at one row) and 7-8% (jsd, biased low by the rounded mixture), float16
     0.1-0.4%, 0.2-3.3% and 1%: 2-30x the dtype's tolerance. The same call on the same
     rounded values in float32 is as close as our reference run in float32 (rel <= 7e-6),
-    and rounding only the log-probabilities
-    to the dtype in a float64 KL reproduces the KL directions' errors: the formula is
-    right, the arithmetic dtype is Liger's choice. Upcasting here would time a float32
+    and rounding only the log-probabilities to the dtype in a float64 KL reproduces the
+    KL directions' errors: the formula is right, the arithmetic dtype is Liger's choice. Upcasting here would time a float32
     Liger under a 16-bit label, so the 16-bit rows say ``skipped`` with the reason."""
     _validate_fld(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature,
                   direction, beta, reduction)
