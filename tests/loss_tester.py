@@ -53,8 +53,6 @@ EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 #: fixed so that the entry can go.
 OPEN_LOWPREC: dict[tuple[str, str], str] = {
     ("triplet", "bfloat16"): "cosine/swap option set: triplets cross the hinge under rounding",
-    ("info_nce", "bfloat16"): "rounded cosine logits over temperature 0.02 (2.0-2.6%)",
-    ("info_nce", "float16"): "rounded cosine logits over temperature 0.02 (0.3%)",
     ("entropy_impurity", "float16"): "log p of small rounded probabilities (gradient 0.86%)",
     ("cross_entropy", "float16"): "torch's label smoothing overflows to inf in float16",
     ("cpo", "float16"): "the sum reduction overflows float16",

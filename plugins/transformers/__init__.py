@@ -203,7 +203,14 @@ def _specs():
                  r"S_{ij} = \frac{\cos(u_i, v_j)}{\tau}"),
         description="Contrastive loss of two views with positives on the diagonal; "
                     "`symmetric` averages the row and column cross-entropies (else rows "
-                    "only). The chunked and Triton versions never hold the B x B matrix.",
+                    "only). The chunked and Triton versions never hold the B x B matrix. "
+                    "Every implementation normalizes and multiplies 16-bit views in float32 "
+                    "and rounds the loss and the gradients once (a unit vector rounded to "
+                    "bfloat16 moves a logit by u / tau, 0.2 at tau = 0.02); so the 16-bit "
+                    "tolerances are narrower than the defaults (bfloat16 rtol 8e-3, two "
+                    "unit roundoffs; absolute floors 1e-5 / 1e-6, below a 1% error of the "
+                    "mean's gradient elements at tau = 0.02), which would pass a 1% error.",
+        tolerances={"bfloat16": (8e-3, 1e-5), "float16": (2e-3, 1e-6)},
         citation="van den Oord et al. (2018); Chen et al. (2020) SimCLR; Gao et al. (2021) "
                  "SimCSE",
         reference=contrastive.reference, make_inputs=contrastive.make_inputs,

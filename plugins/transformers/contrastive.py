@@ -50,13 +50,15 @@ def _finish(row, col, symmetric, reduction):
 
 
 def reference(u, v, temperature=0.1, symmetric=True, reduction="mean"):
-    """The full similarity matrix and two cross-entropies with diagonal targets."""
+    """The full similarity matrix and two cross-entropies with diagonal targets (16-bit
+    views in float32, the loss rounded back: see `_acc`)."""
     validate(u, v, temperature, symmetric, reduction)
-    sim = F.normalize(u, dim=1) @ F.normalize(v, dim=1).T / temperature
+    acc = _acc(u)
+    sim = F.normalize(u.to(acc), dim=1) @ F.normalize(v.to(acc), dim=1).T / temperature
     labels = torch.arange(u.shape[0], device=u.device)
     row = F.cross_entropy(sim, labels, reduction="none")
     col = F.cross_entropy(sim.T, labels, reduction="none") if symmetric else None
-    return _finish(row, col, symmetric, reduction)
+    return _finish(row, col, symmetric, reduction).to(u.dtype)
 
 
 def _block_rows(b: int) -> int:
@@ -64,7 +66,10 @@ def _block_rows(b: int) -> int:
 
 
 def _acc(x):
-    """float32 for half and single precision, float64 for float64."""
+    """float32 for half and single precision, float64 for float64: every implementation
+    normalizes and multiplies 16-bit views in float32. A unit vector rounded to 16 bits
+    moves a cosine by ~u, its logit by u / tau (bfloat16 at tau 0.02: 0.2), and the loss,
+    a difference of logits of size 1 / tau, by as much."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -154,7 +159,8 @@ class _InfoNCE(torch.autograd.Function):
 def _chunked(engine):
     def fn(u, v, temperature=0.1, symmetric=True, reduction="mean"):
         validate(u, v, temperature, symmetric, reduction)
-        row, col = _InfoNCE.apply(F.normalize(u, dim=1), F.normalize(v, dim=1),
+        acc = _acc(u)
+        row, col = _InfoNCE.apply(F.normalize(u.to(acc), dim=1), F.normalize(v.to(acc), dim=1),
                                   float(temperature), symmetric, engine)
         out = _finish(row, col, symmetric, reduction)
         return out.to(u.dtype)
