@@ -3,9 +3,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+# One compute thread per test process (and the harness workers it starts): xdist
+# already runs a process per core, and OpenMP threads that outnumber the cores wait on
+# each other's barriers (an 8x37 matmul took 100-200 ms instead of microseconds).
+# Set before torch is imported; an explicit setting wins.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import lossreg.registry as registry_mod
+import pytest  # noqa: E402
+
+import lossreg.registry as registry_mod  # noqa: E402
 
 
 def make_dist(root: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
