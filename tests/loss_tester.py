@@ -61,8 +61,6 @@ OPEN_LOWPREC: dict[tuple[str, str], str] = {
     ("split_variance", "float16"): "not analysed yet",
     ("cosine_embedding", "float16"): "not analysed yet",
     ("gaussian_nll", "float16"): "not analysed yet",
-    ("gathered_info_nce", "bfloat16"): "logit_scale gradient 3.5-6.5% in every implementation",
-    ("gathered_info_nce", "float16"): "logit_scale gradient in every implementation",
 }
 
 

@@ -50,6 +50,14 @@ def _symmetric(logits: torch.Tensor) -> torch.Tensor:
     return ((torch.logsumexp(logits, 1) - diag) + (torch.logsumexp(logits, 0) - diag)) / 2
 
 
+def _acc(x):
+    """float32 for 16-bit embeddings (float64 for float64): the logits are products of
+    a scale of ~1/tau with dot products, and their row logsumexp minus the diagonal is a
+    difference of such values; `logit_scale`'s gradient, sum(dL/dlogits * logits), is a
+    sum of cancelling terms. Gathered in their own dtype, computed in this one."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _reduce(per_row, total_rows, reduction):
     if reduction == "none":
         return per_row
@@ -60,8 +68,9 @@ def _reduce(per_row, total_rows, reduction):
 def reference(image, text, logit_scale, local_loss=False, reduction="mean"):
     """The whole batch in one process: (CE over rows + CE over columns) / 2 per pair."""
     validate(image, text, logit_scale, reduction, local_loss)
-    logits = logit_scale.reshape(()).exp() * image @ text.T
-    return _reduce(_symmetric(logits), image.shape[0], reduction)
+    acc = _acc(image)
+    logits = logit_scale.reshape(()).to(acc).exp() * image.to(acc) @ text.to(acc).T
+    return _reduce(_symmetric(logits), image.shape[0], reduction).to(image.dtype)
 
 
 class GatherRows(torch.autograd.Function):
@@ -95,16 +104,18 @@ def torch_impl(image, text, logit_scale, local_loss=False, reduction="mean", gro
     validate(image, text, logit_scale, reduction, local_loss)
     g = active_group(group)
     rank, sizes = _sizes(image, g)
-    all_img = GatherRows.apply(image, sizes, rank, local_loss, g)
-    all_txt = GatherRows.apply(text, sizes, rank, local_loss, g)
-    scale = logit_scale.reshape(()).exp()
+    acc, dtype = _acc(image), image.dtype
+    all_img = GatherRows.apply(image, sizes, rank, local_loss, g).to(acc)
+    all_txt = GatherRows.apply(text, sizes, rank, local_loss, g).to(acc)
+    image, text = image.to(acc), text.to(acc)
+    scale = logit_scale.reshape(()).to(acc).exp()
     total = sum(sizes)
     if not local_loss:
-        return _reduce(_symmetric(scale * all_img @ all_txt.T), total, reduction)
+        return _reduce(_symmetric(scale * all_img @ all_txt.T), total, reduction).to(dtype)
     labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[:rank])
     per = (F.cross_entropy(scale * image @ all_txt.T, labels, reduction="none")
            + F.cross_entropy(scale * text @ all_img.T, labels, reduction="none")) / 2
-    return _reduce(per, total, reduction)
+    return _reduce(per, total, reduction).to(dtype)
 
 
 def _sizes(image, group):
@@ -121,16 +132,18 @@ def fused(image, text, logit_scale, local_loss=False, reduction="mean", group=No
     validate(image, text, logit_scale, reduction, local_loss)
     g = active_group(group)
     rank, sizes = _sizes(image, g)
+    acc, dtype = _acc(image), image.dtype
     both = GatherRows.apply(torch.stack([image, text], dim=1), sizes, rank, local_loss, g)
-    all_img, all_txt = both[:, 0], both[:, 1]
-    scale = logit_scale.reshape(()).exp()
+    all_img, all_txt = both[:, 0].to(acc), both[:, 1].to(acc)
+    image, text = image.to(acc), text.to(acc)
+    scale = logit_scale.reshape(()).to(acc).exp()
     total = sum(sizes)
     if not local_loss:
-        return _reduce(_symmetric(scale * all_img @ all_txt.T), total, reduction)
+        return _reduce(_symmetric(scale * all_img @ all_txt.T), total, reduction).to(dtype)
     lo = sum(sizes[:rank])
     rows = torch.arange(image.shape[0], device=image.device)
     li = scale * image @ all_txt.T
     lt = scale * text @ all_img.T
     per = ((torch.logsumexp(li, 1) - li[rows, lo + rows])
            + (torch.logsumexp(lt, 1) - lt[rows, lo + rows])) / 2
-    return _reduce(per, total, reduction)
+    return _reduce(per, total, reduction).to(dtype)

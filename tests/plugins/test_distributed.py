@@ -212,6 +212,43 @@ def test_torchrun_bench_writes_one_run(tmp_path):
 
 
 # ---------------------------------------------------------------- the shared tester
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gathered_info_nce_16bit_logits_in_float32(dtype):
+    """In one process: the 16-bit verdicts reject the logits formed in the embeddings'
+    dtype (logit_scale's gradient, a cancelling sum, 5-7% off in bfloat16) and a 1%-wrong
+    implementation, and pass every implementation (logits in float32, rounded once),
+    their worst error within a factor 10 of the (narrowed) tolerance."""
+    import lossreg
+    from lossreg_plugins.distributed.info_nce import _reduce, _symmetric
+    from test_lowprec import _rows, one_percent_wrong
+    spec = lossreg.get("gathered_info_nce")
+    rtol = spec.tolerance(dtype)[0]
+
+    def in_dtype(image, text, logit_scale, local_loss=False, reduction="mean"):
+        logits = logit_scale.reshape(()).exp() * image @ text.T
+        return _reduce(_symmetric(logits), image.shape[0], reduction)
+
+    assert rtol < 1e-2, "a 1% error must fail on the norm"
+    from lossreg import verify
+    from lossreg.spec import DTYPES, Case
+    sharp = spec.edge_cases["sharp_temperature"](Case(1, DTYPES[dtype], "cpu", seed=11))
+    in_dtype_rows = [verify.check_gradient(spec, Impl("in_dtype", in_dtype), sharp,
+                                           spec.options, spec.tolerance(dtype), 1)]
+    in_dtype_rows += [v for o in spec.option_sets()
+                      for v in _rows(spec, Impl("in_dtype", in_dtype), dtype, o)]
+    assert not all(v.ok for v in in_dtype_rows)
+    assert not all(v.ok for v in _rows(spec, one_percent_wrong(spec), dtype, spec.options))
+    worst = 0.0
+    for name, impl in spec.implementations.items():
+        if name == "compile":
+            continue
+        for opts in spec.option_sets():
+            rows = _rows(spec, impl, dtype, opts)
+            assert all(v.ok for v in rows), (name, opts, [v.message for v in rows])
+            worst = max([worst] + [v.rel for v in rows if v.rel is not None])
+    assert worst > rtol / 10, f"worst rel {worst:.3g}, tolerance {rtol:g}"
+
+
 class TestGatheredInfoNce(LossTester):
     loss = "gathered_info_nce"
     no_oracle = "tests/plugins/test_distributed.py"
