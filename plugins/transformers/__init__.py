@@ -268,18 +268,16 @@ def _specs():
         input_domains={"labels": ("index", lambda inputs: inputs["student"].shape[1],
                                   (-100,))},
         flops=lambda i: _tokens_flops(i, "student"))
-    div_edges = {
-        "vocab_multi_block": _resize(divergences.make_inputs, 3, vocab=8200),
-        "extreme_student": _with(_resize(divergences.make_inputs, 5, vocab=300),
-                                 student=lambda c, i: torch.where(
-                                     c.rand(5, 300) < 0.5, 1e4, -1e4).to(i["student"].dtype)),
-        "student_equals_teacher": _with(divergences.make_inputs,
-                                        student=lambda c, i: i["teacher"].clone()),
-        "all_ignored": _with(divergences.make_inputs,
-                             labels=lambda c, i: torch.full_like(i["labels"], -100)),
-        "no_labels": lambda case: {k: v for k, v in divergences.make_inputs(case).items()
-                                   if k != "labels"},
-    }
+    def div_edges(make):
+        return {
+            "vocab_multi_block": _resize(make, 3, vocab=8200),
+            "extreme_student": _with(_resize(make, 5, vocab=300),
+                                     student=lambda c, i: torch.where(
+                                         c.rand(5, 300) < 0.5, 1e4, -1e4).to(i["student"].dtype)),
+            "student_equals_teacher": _with(make, student=lambda c, i: i["teacher"].clone()),
+            "all_ignored": _with(make, labels=lambda c, i: torch.full_like(i["labels"], -100)),
+            "no_labels": lambda case: {k: v for k, v in make(case).items() if k != "labels"},
+        }
     yield LossSpec(
         name="jsd", title="Generalized Jensen-Shannon divergence",
         formula=(r"\frac{1}{|K|}\sum_{i\in K} \beta\,\mathrm{KL}(p_i\|m_i) + (1-\beta)\,"
@@ -298,20 +296,23 @@ def _specs():
         options={"beta": 0.5, "temperature": 1.0, "ignore_index": -100, "reduction": "mean"},
         check_options=[{"beta": 0.0}, {"beta": 1.0}, {"beta": 0.9, "temperature": 2.0},
                        {"reduction": "none"}, {"reduction": "sum"}],
-        edge_cases=div_edges, **div_common)
+        edge_cases=div_edges(divergences.make_inputs), **div_common)
     yield LossSpec(
         name="tvd", title="Total variation distance",
         formula=(r"\frac{1}{|K|}\sum_{i\in K} \tfrac12 \sum_c |p_{ic} - q_{ic}|,\ "
                  r"q_i = \mathrm{softmax}(s_i/T),\ p_i = \mathrm{softmax}(t_i/T)"),
         description="Total variation distance between student (differentiated) and teacher "
                     "softmaxes per row, rows with labels == ignore_index skipped (labels "
-                    "optional); the subgradient of |x| at 0 is 0, as torch's abs.",
+                    "optional); the subgradient of |x| at 0 is 0, as torch's abs. Its "
+                    "inputs keep q and p apart by a relative 1e-4 (make_tvd_inputs): at a "
+                    "tie within rounding either subgradient is right.",
         citation="Levin, Peres and Wilmer (2009) Markov Chains and Mixing Times, ch. 4; "
                  "Hsu et al. (2024) Liger-Kernel",
         reference=divergences.tvd_reference,
         options={"temperature": 1.0, "ignore_index": -100, "reduction": "mean"},
         check_options=[{"temperature": 2.0}, {"reduction": "none"}, {"reduction": "sum"}],
-        edge_cases=div_edges, **div_common)
+        edge_cases=div_edges(divergences.make_tvd_inputs),
+        **{**div_common, "make_inputs": divergences.make_tvd_inputs})
     yield LossSpec(
         name="fused_linear_distillation", family="transformers",
         title="Fused linear distillation",

@@ -170,6 +170,36 @@ def make_inputs(case):
     return {"student": student, "teacher": teacher, "labels": labels}
 
 
+#: |log q - log p| the tvd inputs keep between student and teacher probabilities: 100
+#: times what float32 rounding of a softmax over logits of ~10 moves a log-probability
+TVD_GAP = 1e-4
+
+
+def make_tvd_inputs(case):
+    """``make_inputs`` with no near-tie: where |log q_c - log p_c| < ``TVD_GAP`` the
+    student logit moves away from the tie (by 2 T gap plus two of its dtype's spacings,
+    so that the move survives rounding), about one element in 6000.
+
+    |q - p| has a kink at q = p. Where q and p agree to within the accumulator's rounding
+    (one element of 9000 did: q - p = -1.7e-10 with q = 2e-4, seven float32 ulps), a
+    correct float32 kernel may see the other sign than the float64 reference; the
+    subgradient +-1/2 then flips, and through the softmax's sum over the row
+    (q (a - sum q a)) it shifts every gradient element of the row, 1.3e-3 relative.
+    Either sign is a right answer at a tie; the check judges the smooth part. Exact ties
+    (``student_equals_teacher``) keep their subgradient 0 in every implementation."""
+    inputs = make_inputs(case)
+    s, t = inputs["student"], inputs["teacher"]
+    temp = float(case.params.get("temperature", 1.0))
+    spacing = torch.finfo(s.dtype).eps
+    lp = torch.log_softmax(t.double() / temp, dim=-1)
+    for _ in range(2):  # a move shifts the row's logsumexp by ~q_c * step: check again
+        d = torch.log_softmax(s.double() / temp, dim=-1) - lp
+        step = 2 * TVD_GAP * temp + 2 * spacing * s.double().abs()
+        moved = s.double() + torch.where(d < 0, -step, step)
+        s = torch.where(d.abs() < TVD_GAP, moved, s.double()).to(s.dtype)
+    return {**inputs, "student": s}
+
+
 def kept_rows(inputs, options):
     labels = inputs.get("labels")
     if labels is None:
