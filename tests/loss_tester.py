@@ -53,7 +53,6 @@ EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 #: fixed so that the entry can go.
 OPEN_LOWPREC: dict[tuple[str, str], str] = {
     ("triplet", "bfloat16"): "cosine/swap option set: triplets cross the hinge under rounding",
-    ("entropy_impurity", "float16"): "log p of small rounded probabilities (gradient 0.86%)",
     ("cross_entropy", "float16"): "torch's label smoothing overflows to inf in float16",
     ("soft_split_gini", "bfloat16"): "one_sample edge case: cancelling gradient near zero",
     ("split_variance", "bfloat16"): "not analysed yet",
