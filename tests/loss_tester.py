@@ -54,9 +54,6 @@ EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 OPEN_LOWPREC: dict[tuple[str, str], str] = {
     ("triplet", "bfloat16"): "cosine/swap option set: triplets cross the hinge under rounding",
     ("cross_entropy", "float16"): "torch's label smoothing overflows to inf in float16",
-    ("soft_split_gini", "bfloat16"): "one_sample edge case: cancelling gradient near zero",
-    ("split_variance", "bfloat16"): "not analysed yet",
-    ("split_variance", "float16"): "not analysed yet",
     ("cosine_embedding", "float16"): "not analysed yet",
     ("gaussian_nll", "float16"): "not analysed yet",
 }

@@ -1,4 +1,4 @@
-"""Two bfloat16 faults of the Triton interpreter (triton 3.x), patched so that a CPU
+"""Three bfloat16 faults of the Triton interpreter (triton 3.x), patched so that a CPU
 check judges the kernel as a GPU runs it, not the interpreter.
 
 1. Rounding. 
@@ -18,6 +18,11 @@ bit patterns and its ``create_dot`` multiplies those integers (``np.matmul`` on 
 bits): every bfloat16 ``tl.dot`` returned garbage (wcss, soft_kmeans, eps_separation,
 rel 1-9 against the reference). A GPU multiplies the values, each product exact in the
 float32 accumulator; `install` widens bfloat16 operands to float32 (exact) first.
+
+3. float64 <-> bfloat16 casts (``cast_impl``) convert the value to uint16 as an
+integer (0.004 -> 0): split_variance's Triton gradient, accumulated in float64 and
+stored as bfloat16, came out all zeros. `install` rounds float64 to bfloat16 once, to
+nearest even (as a GPU's cvt), and widens bfloat16 to float64 exactly.
 """
 
 from __future__ import annotations
@@ -68,4 +73,18 @@ def install() -> None:
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        # float64 <-> bfloat16: the interpreter casts the value to uint16 as an integer
+        # (0.004 -> 0); round once to nearest even, as a GPU's cvt does
+        if src.dtype.scalar == tl.float64 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float64))
+            bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(bits.reshape(np.shape(src.data)), tl.bfloat16)
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar == tl.float64:
+            return interpreter.TensorHandle(_widen(src).astype(np.float64), tl.float64)
+        return original_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
     _INSTALLED = True
