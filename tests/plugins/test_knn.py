@@ -219,6 +219,19 @@ class TestBatchHardTriplet(LossTester):
 class TestCosineEmbedding(LossTester):
     loss = "cosine_embedding"
 
+    def test_torch_is_not_float16_for_its_norm_product(self):
+        """torch's built-in overflows float16 on wide rows (so it declares no float16);
+        the reference, in float32 for 16-bit inputs, is right there."""
+        from lossreg import verify
+        spec = self.spec
+        assert "float16" not in spec.implementations["torch"].dtypes
+        inputs = spec.edge_cases["wide_rows"](Case(1, torch.float16, "cpu", seed=3))
+        tol = spec.tolerance("float16")
+        builtin = lossreg.spec.Impl("builtin", F.cosine_embedding_loss)
+        assert not verify.check_forward(spec, builtin, inputs, spec.options, tol).ok
+        assert verify.check_forward(spec, spec.implementations["reference"], inputs,
+                                    spec.options, tol).ok
+
 
 class TestTriplet(LossTester):
     loss = "triplet"
