@@ -185,15 +185,22 @@ def gaussian_nll_reference(input, target, var, full=False, eps=1e-6, reduction="
     """1/2 (log max(var, eps) + (input - target)^2 / max(var, eps)) [+ 1/2 log 2 pi].
 
     As in torch, the clamp is applied without gradient (``clamp_`` under ``no_grad``): the
-    gradient w.r.t. var is the formula's at max(var, eps), also where var < eps."""
+    gradient w.r.t. var is the formula's at max(var, eps), also where var < eps.
+
+    16-bit inputs in float32, the result rounded back: in float16 the default eps 1e-6 is
+    subnormal (it rounds to 1.013e-6), and near it (input - target)^2 / var and the
+    gradients' 1/var^2 overflow 65504 where the float64 results are representable."""
     _validate_gaussian(input, target, var, full, eps, reduction)
+    dtype = input.dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    input, target, var = input.to(wide), target.to(wide), var.to(wide)
     var = _var_like_input(var, input)
     clamped = var + (var.clamp(min=eps) - var).detach()
     target = target.detach()
     loss = 0.5 * (torch.log(clamped) + (input - target) ** 2 / clamped)
     if full:
         loss = loss + HALF_LOG_2PI
-    return reduce_loss(loss, reduction)
+    return reduce_loss(loss, reduction).to(dtype)
 
 
 def gaussian_nll_torch(input, target, var, full=False, eps=1e-6, reduction="mean"):
@@ -316,8 +323,12 @@ def register_implementations(register):
         requires=("triton",),
         description="row-wise template with per-class weights (ignored rows: a zero-weight "
                     "extra class); mean divides by the kept weight"))
-    register("gaussian_nll", Impl("torch", gaussian_nll_torch, kind="baseline",
-                                  description="torch.nn.functional.gaussian_nll_loss"))
+    register("gaussian_nll", Impl(
+        "torch", gaussian_nll_torch, kind="baseline", dtypes=("float32", "float64", "bfloat16"),
+        description="torch.nn.functional.gaussian_nll_loss; not float16: it computes in the "
+                    "input dtype, where eps 1e-6 is subnormal (1.3% off) and, for var near "
+                    "eps, (input - target)^2 / var and the gradients overflow to inf where "
+                    "the float64 results are finite"))
     register("gaussian_nll", Impl(
         "triton", gaussian_nll_triton,
         bytes_model=streamed("input", "var"), backend="triton", devices=("cuda",),

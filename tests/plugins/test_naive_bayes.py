@@ -89,6 +89,22 @@ def test_every_catalog_loss_is_registered_with_its_family():
 class TestGaussianNll(LossTester):
     loss = "gaussian_nll"
 
+    def test_torch_is_not_float16_near_eps(self):
+        """torch's built-in computes in float16, where eps 1e-6 is subnormal and var near
+        it overflows (so it declares no float16); the reference, in float32 for 16-bit
+        inputs, is right there."""
+        from lossreg import verify
+        from lossreg.spec import Case, Impl
+        spec = self.spec
+        assert "float16" not in spec.implementations["torch"].dtypes
+        inputs = spec.edge_cases["var_below_eps"](Case(1, torch.float16, "cpu", seed=11))
+        tol = spec.tolerance("float16")
+        builtin = Impl("builtin", lambda input, target, var, **o: F.gaussian_nll_loss(
+            input, target.detach(), var, **o))
+        assert not verify.check_gradient(spec, builtin, inputs, spec.options, tol, 1).ok
+        assert verify.check_gradient(spec, spec.implementations["reference"], inputs,
+                                     spec.options, tol, 1).ok
+
 
 class TestNll(LossTester):
     loss = "nll"
