@@ -52,7 +52,6 @@ EXTRA_DTYPES = ("float64", "bfloat16", "float16")
 #: explained in docs/numerics.md ("Still failing"); each runs, and shows as XPASS once
 #: fixed so that the entry can go.
 OPEN_LOWPREC: dict[tuple[str, str], str] = {
-    ("cross_entropy", "float16"): "torch's label smoothing overflows to inf in float16",
 }
 
 

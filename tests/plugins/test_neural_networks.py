@@ -166,6 +166,29 @@ def test_perplexity_is_exp_of_mean_kept_ce(impl):
 class TestCrossEntropy(LossTester):
     loss = "cross_entropy"
 
+    @pytest.mark.parametrize("edge", [None, "extreme_logits"])
+    def test_torch_is_not_float16_for_its_overflowing_sums(self, edge):
+        """F.cross_entropy's float16 mean overflows where the mean is finite (so the torch
+        baseline declares no float16); the reference and its float32 run are right."""
+        from lossreg import verify
+        from lossreg.spec import Case, Impl
+        spec = self.spec
+        assert "float16" not in spec.implementations["torch"].dtypes
+        opts = {**spec.options, "label_smoothing": 0.1} if edge is None else spec.options
+        make = spec.make_inputs if edge is None else spec.edge_cases[edge]
+        inputs = make(Case(min(spec.sizes["quick"]), torch.float16, "cpu", seed=11,
+                           params=spec.case_params("quick", opts)))
+        tol = spec.tolerance("float16")
+
+        def builtin(input, target, label_smoothing=0.0, reduction="mean", **_):
+            return F.cross_entropy(input, target, label_smoothing=label_smoothing,
+                                   reduction=reduction)
+
+        verdict = verify.check_forward(spec, Impl("builtin", builtin), inputs, opts, tol)
+        assert not verdict.ok and "NaN/inf" in verdict.message
+        assert verify.check_forward(spec, spec.implementations["reference"], inputs, opts,
+                                    tol).ok
+
 
 class TestPerplexity(LossTester):
     loss = "perplexity"
