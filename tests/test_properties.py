@@ -118,8 +118,6 @@ def _pairs():
 OPEN_PAIRS = {
     ("info_nce", "triton"): "float32 gradient ~3e-5 relative at temperature 0.02",
     ("gathered_info_nce", "fused"): "not analysed yet",
-    ("fused_linear_distillation", "liger_chunked"): "a drawn case 57% off at bfloat16's "
-                                                    "tolerance (open)",
 }
 
 
