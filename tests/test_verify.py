@@ -78,3 +78,32 @@ def test_float64_outputs_and_representable_references_are_unchanged():
     assert rounded_overflow(small, torch.float16) is small
     # a float64 output never sees an inf the float64 reference lacks
     assert not compare_tensors(torch.full_like(ref, float("inf")), ref, 1e-10, 1e-14).ok
+
+
+# the losses whose 16-bit rows this round made pass (docs/numerics.md, round 3): the
+# default tolerances, no widening; a 1%-wrong reference must still fail every dtype
+# (bfloat16's 2e-2 through lossreg.lowprec's common-factor fit)
+ROUND3 = ["mse", "cpo", "entropy_impurity", "cosine_embedding", "gaussian_nll",
+          "cross_entropy", "squared_hinge", "dpo"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("loss", ROUND3)
+def test_a_one_percent_wrong_reference_still_fails_in_16_bits(loss, dtype):
+    import lossreg
+    from test_lowprec import UNRESOLVED, _rows, one_percent_wrong
+
+    if (loss, dtype) in UNRESOLVED:
+        pytest.skip(UNRESOLVED[loss, dtype])
+    spec = lossreg.get(loss)
+    assert spec.tolerance(dtype) == default_tolerance(dtype)
+    wrong_passes = all(v.ok for v in _rows(spec, one_percent_wrong(spec), dtype, spec.options))
+    if wrong_passes and (loss, dtype) == ("gaussian_nll", "bfloat16"):
+        # open, as before this round: 1/var makes the gradients heavy-tailed (n = 4099:
+        # effective count 120 for input, 13.5 for var), so the fit's allowance, two unit
+        # roundoffs plus four standard errors (1.1% and 2.0%), exceeds the 1% factor
+        pytest.xfail("a 1% factor on heavy-tailed bfloat16 gradients is not resolvable")
+    assert not wrong_passes
+    bad = [v.message for v in _rows(spec, spec.implementations["reference"], dtype,
+                                    spec.options) if not v.ok]
+    assert not bad, bad
