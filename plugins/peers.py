@@ -302,13 +302,14 @@ def _impls():
 
 
 def _chunked_impls(common):
-    """Liger's chunked losses (eager, compiled=False) for our fused-linear losses. They
-    form the logits in the inputs' dtype (log-softmax in float32): float16 gradients come
-    out ~3e-3 off, past float16's tolerance (bfloat16's is wider), and GRPO's bfloat16
-    logits move tokens across the clip's kinks, so those dtypes are not declared."""
+    """Liger's chunked losses (eager, compiled=False) for our fused-linear losses, float32
+    only: they form the logits in the inputs' dtype (float16 gradients ~3e-3 off, past
+    its tolerance; GRPO's bfloat16 logits move tokens across the clip's kinks) and sum
+    the weight gradient over their chunks in the weight's dtype (bfloat16: 3-4% off at
+    504 pairs in `lossreg check`)."""
     from . import _peers_chunked as pc
 
-    common = {**common, "dtypes": ("float32", "bfloat16")}
+    common = {**common, "dtypes": ("float32",)}
     why = {"dpo": "sigmoid, hinge; no ipo, label smoothing", "orpo": "equal chosen lengths "
            "only (Liger's NLL is a token mean over the batch)", "cpo": "its NLL weight "
            "rescaled to ours", "simpo": "length-normalized", "kto": "no desirable / undesirable weights"}
@@ -319,7 +320,7 @@ def _chunked_impls(common):
             description=f"Liger-Kernel chunked LigerFusedLinear{cls}Loss (eager "
                         f"PyTorch, a pair at a time); {why[name]}; no reduction='none'")
     yield "fused_linear_grpo", Impl(
-        "liger", pc.grpo_liger, **{**common, "dtypes": ("float32",)},
+        "liger", pc.grpo_liger, **common,
         description="Liger-Kernel chunked LigerFusedLinearGRPOLoss (eager PyTorch, a "
                     "sequence at a time, our advantages and log-probs); no reduction='none'")
 
