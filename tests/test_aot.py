@@ -151,8 +151,11 @@ def test_each_kernel_takes_the_variants_in_turn():
 
 
 def _compile(args, timeout=1800):
+    # TRITON_INTERPRET=0 here, so the module does not start itself again: a timeout
+    # kills the process that compiles, not a parent that would leave it running
     out = subprocess.run([sys.executable, "-m", "lossreg.kernels.aot", "--json", *args],
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.stdout.strip(), out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.returncode
 
