@@ -50,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 from . import aot_cache
 from .aot_sass import (  # noqa: F401  (the report's readers, re-exported)
@@ -168,10 +169,19 @@ def each_kernel(variants: list, dtype: str, cc: int):
     return variants[slot % len(variants)]
 
 
+def spread_slot(instance: str, kernel: str, dtypes=DTYPES, archs=ARCHS) -> tuple[str, int]:
+    """The one (dtype, arch) of those selected that ``--spread`` checks an (instance,
+    kernel) in: fixed by a hash of the two names, so that a template's many instances
+    fill every slot."""
+    slot = zlib.crc32(f"{instance}:{kernel}".encode()) % (len(dtypes) * len(archs))
+    return dtypes[slot // len(archs)], archs[slot % len(archs)]
+
+
 def plan(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None,
-         each=False) -> list[dict]:
+         each=False, spread=False) -> list[dict]:
     """The selected (instance, kernel, dtype, arch, variant) compiles, as report entries
-    with the source attached under ``"_src"``."""
+    with the source attached under ``"_src"``; ``spread`` keeps each (instance, kernel)
+    in its :func:`spread_slot` only."""
     from lossreg.kernels import template_instances
     from lossreg.registry import default_registry
 
@@ -192,6 +202,8 @@ def plan(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None
                     (variant, (kernel, signature, constexprs, options)))
             for name, found in by_kernel.items():
                 for cc in archs:
+                    if spread and spread_slot(inst.name, name, dtypes, archs) != (dtype, cc):
+                        continue
                     for variant, src in ([each_kernel(found, dtype, cc)] if each else found):
                         tasks.append({"instance": inst.name, "kernel": name, "dtype": dtype,
                                       "arch": f"sm_{cc}", "variant": variant,
@@ -242,11 +254,11 @@ def _run(todo: list, jobs: int):
 
 
 def compile_all(archs=ARCHS, dtypes=DTYPES, instances=None, kernels=None, variants=None,
-                each=False, jobs=1, cache=True) -> list[dict]:
+                each=False, jobs=1, cache=True, spread=False) -> list[dict]:
     """The report: one entry per :func:`plan` task. Each distinct (source, options,
     arch, dtype) is compiled once, in ``jobs`` processes, unless ``cache`` has it;
     ``cached`` says which entries were read from the cache."""
-    tasks = plan(archs, dtypes, instances, kernels, variants, each)
+    tasks = plan(archs, dtypes, instances, kernels, variants, each, spread)
     keys, todo, records = [], {}, {}
     for t in tasks:
         kernel, signature, constexprs, options, cc = t.pop("_src")
@@ -287,6 +299,9 @@ def main(argv=None) -> int:
                     help="only variants whose constexprs contain this, e.g. BLOCK_D=4096")
     ap.add_argument("--each", action="store_true",
                     help="one specialization per (instance, kernel, dtype, arch)")
+    ap.add_argument("--spread", action="store_true",
+                    help="each (instance, kernel) in one (dtype, arch) slot only, fixed by "
+                         "a hash of its names (with --each: one specialization in all)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--no-cache", action="store_true",
                     help="compile everything; neither read nor write build/aot-cache")
@@ -299,7 +314,7 @@ def main(argv=None) -> int:
                               env=env).returncode
     report = compile_all(tuple(args.arch or ARCHS), tuple(args.dtype or DTYPES),
                          args.instance, args.kernel, args.variant, args.each,
-                         max(args.jobs, 1), not args.no_cache)
+                         max(args.jobs, 1), not args.no_cache, args.spread)
     if args.json:
         print(json.dumps(report))
     else:
