@@ -91,13 +91,21 @@ def plugin_timeout() -> float:
                           f"got {raw!r}") from None
 
 
-def _compile_impl(spec: LossSpec) -> Impl:
-    """torch.compile of the reference, compiled on first call."""
-    compiled = None
+class _CompiledReference:
+    """torch.compile of a reference, compiled on first call. Pickles without the
+    compiled function (dynamo's objects do not pickle; a worker compiles its own)."""
 
-    def fn(*args, **kwargs):
-        nonlocal compiled
-        if compiled is None:
+    __name__ = "compile"
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.compiled = None
+
+    def __getstate__(self):
+        return {"reference": self.reference, "compiled": None}
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
             import torch
             import torch._dynamo
 
@@ -108,10 +116,14 @@ def _compile_impl(spec: LossSpec) -> Impl:
                 if hasattr(torch._dynamo.config, knob):
                     setattr(torch._dynamo.config, knob,
                             max(getattr(torch._dynamo.config, knob), 256))
-            compiled = torch.compile(spec.reference, dynamic=False)
-        return compiled(*args, **kwargs)
+            self.compiled = torch.compile(self.reference, dynamic=False)
+        return self.compiled(*args, **kwargs)
 
-    return Impl("compile", fn, kind="baseline", backend="compile", plugin="lossreg",
+
+def _compile_impl(spec: LossSpec) -> Impl:
+    """torch.compile of the reference, compiled on first call."""
+    return Impl("compile", _CompiledReference(spec.reference), kind="baseline",
+                backend="compile", plugin="lossreg",
                 description="torch.compile of the reference")
 
 

@@ -117,7 +117,6 @@ def _pairs():
 #: once fixed
 OPEN_PAIRS = {
     ("info_nce", "triton"): "float32 gradient ~3e-5 relative at temperature 0.02",
-    ("gathered_info_nce", "fused"): "not analysed yet",
 }
 
 
@@ -245,31 +244,14 @@ def _draw_case(data, spec, impl, options):
 
 
 # ---------------------------------------------------------------- known gaps
-_BF16_INTERP = ("bfloat16 under the Triton interpreter is far outside 2e-2 (Gram-form "
-                "distances / sums in bfloat16); unverified on a GPU")
-_BF16_REF = ("the bfloat16 reference itself is outside the default 2e-2 against float64 "
-             "(the spec declares no bfloat16 tolerance)")
-
 #: (loss, impl, dtype) -> (reason, options the gap needs (a subset of the drawn ones),
 #: witness). The dtype is not drawn for that pair where the options match; the witness
 #: (property, n, seed, options) fails today and runs under xfail(strict=True) in
 #: `test_known_gap_still_fails`, so a fix shows up as XPASS and the entry must go.
 KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
-    ("split_variance", "triton", "bfloat16"): (
-        _BF16_INTERP, {}, ("agree", 320, 130341, {})),
-    ("batch_hard_triplet", "reference", "bfloat16"): (
-        _BF16_REF, {}, ("agree", 70, 236, {"margin": 0.0})),
-    ("perplexity", "reference", "bfloat16"): (
-        _BF16_REF + ": exp() turns the bfloat16 rounding of the mean CE (~0.03 abs) into "
-        "~3% relative", {}, ("agree", 2, 1580758906, {})),
-    ("perplexity", "torch", "bfloat16"): (
-        "exp() of a bfloat16 mean CE: ~3-6% relative (no bfloat16 tolerance declared)", {},
-        ("agree", 3, 250, {})),
     ("pca_reconstruction", "projected", "bfloat16"): (
         "the projected form ||x||^2 - ||xW||^2 cancels in bfloat16", {},
         ("agree", 2, 107, {"center": True})),
-    ("info_nce", "reference", "bfloat16"): (
-        _BF16_REF, {}, ("agree", 107, 143840, {"symmetric": False, "reduction": "none"})),
     ("info_nce", "chunked", "float32"): (
         ("temperature 0.02 with reduction='none': per-row losses ~1e-6 lose ~1% relative to "
         "the lse - S_ii cancellation"), {"temperature": 0.02, "reduction": "none"},
@@ -283,9 +265,6 @@ KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
         {"temperature": 0.02, "_n_at_most": 1},
         ("agree", 130, 577, {"symmetric": False, "reduction": "none",
                              "temperature": 0.02})),
-    ("perplexity", "triton", "bfloat16"): (
-        "exp() of a bfloat16 mean CE: ~3% relative (no bfloat16 tolerance declared)", {},
-        ("agree", 33, 22657358, {})),
     ("margin_ranking", "reference", "bfloat16"): (
         ("-y(a - b) + margin rounds to bfloat16 before the hinge; the sum of 2465 such "
          "terms is off by more than 2% (no bfloat16 tolerance declared)"), {},
@@ -297,11 +276,6 @@ KNOWN_GAPS: dict[tuple[str, str, str], tuple[str, dict, tuple]] = {
     ("bce", "torch", "bfloat16"): (
         "F.binary_cross_entropy's gradient of target in bfloat16 on CPU: ~3% relative", {},
         ("agree", 1, 1308, {"reduction": "none"})),
-    ("info_nce", "triton", "bfloat16"): (
-        ("bfloat16 under the Triton interpreter: garbage per-row losses (max abs error "
-         "5.8e10 at n=40, symmetric=False, reduction='none'; gradients ~3 where the "
-         "reference's are 0 at temperature 0.02, n=1); unverified on a GPU: a likely bug"),
-        {}, ("agree", 40, 1486, {"symmetric": False, "reduction": "none"})),
 }
 
 

@@ -1,6 +1,7 @@
 """The registry against real distributions laid out on sys.path (no mocked registry)."""
 
 import pytest
+import torch
 
 import lossreg
 from lossreg.registry import PluginError, Registry, UnknownLossError
@@ -284,3 +285,18 @@ print(",".join(loaded()))
     assert bare == ""
     assert with_spec == "torch"  # LossSpec needs torch, nothing else
     assert not {"pandas", "pyarrow", "matplotlib", "scipy"} & set(with_plugins.split(","))
+
+
+def test_a_compile_implementation_called_in_process_still_reaches_workers():
+    """After an in-process call holds dynamo's (unpicklable) compiled function, the spec
+    still pickles for a worker, which compiles its own."""
+    import cloudpickle
+
+    spec = lossreg.get("mse")
+    x, y = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    fn = spec.implementations["compile"].fn
+    want = fn(x, y)
+    assert fn.compiled is not None
+    again = cloudpickle.loads(cloudpickle.dumps(spec)).implementations["compile"].fn
+    assert again.compiled is None
+    torch.testing.assert_close(again(x, y), want)
