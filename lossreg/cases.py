@@ -199,9 +199,13 @@ def run_first_round(state: dict, task: Task, rounds: int, send) -> None:
                     params=spec.case_params(task.preset, options))
         measured = timing.first_round(spec, impl, case, options, rounds=rounds)
     except Exception as exc:  # noqa: BLE001
+        # inputs the implementation cannot express are skipped, as in the checks
+        unsupported = isinstance(exc, UnsupportedOption)
         row = base_row({}, task, options)
-        row.update(check="throughput", mode="full", status="error",
-                   message=error_message(exc), _seconds=time.monotonic() - t0)
+        row.update(check="throughput", mode="full",
+                   status="skipped" if unsupported else "error",
+                   message=str(exc) if unsupported else error_message(exc),
+                   _seconds=time.monotonic() - t0)
         recover_memory(exc)
         send(("rows", [row]))
         return

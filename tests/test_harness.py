@@ -138,6 +138,26 @@ def test_unsupported_option_is_a_skipped_row_not_an_error():
     assert set(rows[~params].status) == {"ok"}
 
 
+def test_unsupported_inputs_at_timing_are_a_skipped_row_not_an_error(tmp_path):
+    """The timed inputs (their own seed) can hold what an implementation cannot express
+    although the checked ones did not: that throughput row is skipped, with the reason."""
+    import dataclasses
+
+    from lossreg import UnsupportedOption
+
+    def picky(input, target, reduction="mean"):
+        raise UnsupportedOption("sq: the picky implementation cannot express these inputs")
+
+    def timing_only(tasks):
+        return [dataclasses.replace(t, checks=("throughput",)) for t in tasks
+                if t.impl.name == "picky" and t.n == 64]
+
+    df, _ = execute(["sq"], device="cpu", registry=_spec(picky=picky), throughput=True,
+                    out=tmp_path, select=timing_only)
+    assert len(df) == 1 and df.iloc[0].check == "throughput"
+    assert df.iloc[0].status == "skipped" and "cannot express" in df.iloc[0].message
+
+
 def test_library_triton_kernels_are_checked_not_timed_on_cpu(tmp_path):
     reg = _spec()
     spec = reg.losses["sq"]
