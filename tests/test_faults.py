@@ -126,7 +126,7 @@ def test_bench_of_every_fault_next_to_mse_finishes_and_names_each(faulty_site, t
     monkeypatch.setenv("LOSSREG_LOAD_PLUGINS", "linear_regression,faulty_impls")
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["bench", "mse", "faulty_sq", "--device", "cpu", "--sizes",
-                                  "quick", "--rounds", "1", "--case-timeout", "20", "--out",
+                                  "quick", "--rounds", "1", "--case-timeout", "8", "--out",
                                   str(out), "--no-plots"])
     assert r.exit_code == 1, r.output
     (final,) = out.glob("run-*.parquet")  # consolidated, whatever happened
@@ -143,7 +143,7 @@ def test_bench_of_every_fault_next_to_mse_finishes_and_names_each(faulty_site, t
         assert len(bad) >= 1 and bad.message.str.contains(reason, regex=False).any(), (
             name, rows[["check", "status", "message"]].to_string())
     hung = sq[(sq.impl == "hangs") & (sq.status == "error")]
-    assert hung.message.str.contains("exceeded 20 s").all()
+    assert hung.message.str.contains("exceeded 8 s").all()
 
 
 # ------------------------------------------------------------- in-process registries

@@ -120,7 +120,7 @@ def test_checker_fails_a_wrong_implementation_and_passes_a_right_one():
 # the dying rank ends on its own, so its limit only needs to outlast a slow start-up;
 # the hung one is waited for until its limit, so that one is short
 @pytest.mark.parametrize("impl,words,limit", [("dies", "exited with status 3", 300.0),
-                                              ("hangs", "hung", 25.0)])
+                                              ("hangs", "hung", 12.0)])
 def test_a_dead_or_hung_rank_becomes_error_rows(impl, words, limit):
     start = time.monotonic()
     rows = check_distributed([toy_spec()], 2, dtypes=["float64"], impls=[impl], timeout=limit)
