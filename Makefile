@@ -42,9 +42,9 @@ aot: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lossreg plugins tests benchmarks
 
-# Peer libraries (Liger-Kernel, cut-cross-entropy) join the check when their wheels are
-# carried in wheels/ (`pip download liger-kernel cut-cross-entropy --no-deps -d wheels/`):
-# the machine has no network, so they install from there or not at all.
+# The GPU machine has no network: carry in wheels/ what it lacks, `pip download
+# cloudpickle tqdm liger-kernel cut-cross-entropy --no-deps -d wheels/` (cloudpickle and
+# tqdm are lossreg's own dependencies; the peers join the check when present).
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	if compgen -G "wheels/*.whl" > /dev/null; then python3 -m pip install -q --no-deps --no-index wheels/*.whl; fi
