@@ -23,7 +23,7 @@ def check(names: Sequence[str] | None = None, *, sizes: str = "quick", **kwargs)
     return df
 
 
-def bench(names: Sequence[str] | None = None, *, out: str | Path = "results",
+def bench(names: Sequence[str] | None = None, *, out: str | Path = "runs",
           plots: bool = True, sizes: str | None = None, budget=None, rounds: int | None = None,
           consolidate: bool = True, echo: Callable[[str], None] | None = None, **kwargs):
     """Correctness, gradient and throughput rows, written under ``out`` as the run goes,

@@ -236,7 +236,7 @@ def _check_distributed(names, world_size, device, dtypes, impls, sizes, out, cas
               help="plan the run to fit this long (90s, 10m, 1h): checks at the quick "
                    "sizes, timings at each loss's representative size, as many rounds as "
                    "fit  [default: 10m when no --sizes is given]")
-@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--rounds", type=click.IntRange(min=1),
               help="timing rounds per case, spread over the run so that drift of the "
