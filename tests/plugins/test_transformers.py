@@ -246,6 +246,25 @@ def test_validation(loss, kwargs, message):
 class TestCausalLm(LossTester):
     loss = "causal_lm"
 
+    def test_torch_is_not_float16_for_its_overflowing_sums(self):
+        """F.cross_entropy's float16 mean overflows at 5 sequences with label smoothing
+        (found by `lossreg check` at the larger quick size), so the torch baseline
+        declares no float16; the reference there is right."""
+        from lossreg import verify
+        from lossreg.spec import Case
+
+        spec = self.spec
+        torch_impl = spec.implementations["torch"]
+        assert "float16" not in torch_impl.dtypes
+        opts = {**spec.options, "label_smoothing": 0.1}
+        inputs = spec.make_inputs(Case(max(spec.sizes["quick"]), torch.float16, "cpu",
+                                       seed=0, params=spec.case_params("quick", opts)))
+        tol = spec.tolerance("float16")
+        verdict = verify.check_forward(spec, torch_impl, inputs, opts, tol)
+        assert not verdict.ok and "NaN/inf" in verdict.message
+        assert verify.check_forward(spec, spec.implementations["reference"], inputs, opts,
+                                    tol).ok
+
 
 class TestFusedLinearCrossEntropy(LossTester):
     loss = "fused_linear_cross_entropy"
