@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: 16-bit inputs are computed in float32, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """torch's reductions: ``none`` keeps the terms, ``mean`` (nan when empty), ``sum``."""
     if reduction == "none":

@@ -20,7 +20,7 @@ from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, rowwise_loss, tl
 from lossreg.kernels.histogram import histogram_loss
 
-from ._common import reduce_loss, reductions
+from ._common import acc_dtype, reduce_loss, reductions
 from lossreg.validate import (
     check_device,
     check_floating,
@@ -76,7 +76,7 @@ def entropy_reference(input: torch.Tensor, reduction: str = "mean") -> torch.Ten
     is rounded (0.3-0.9% off the float64 reference, above float16's 2e-3; the Triton
     kernel, which accumulates in float32, is within it)."""
     _validate_rows("entropy_impurity", input, reduction)
-    wide = input.to(torch.promote_types(input.dtype, torch.float32))
+    wide = input.to(acc_dtype(input.dtype))
     return reduce_loss(-_xlogx(wide).sum(dim=1), reduction).to(input.dtype)
 
 
@@ -197,7 +197,7 @@ def soft_split_gini_reference(s: torch.Tensor, target: torch.Tensor, num_classes
     1 - sum p^2, and its gradient is a difference of such terms: 7.8e-3 in bfloat16
     where the truth is 0, at one sample)."""
     validate_split("soft_split_gini", s, target, num_classes, (1,), "a vector (n,)")
-    wide = s.to(torch.promote_types(s.dtype, torch.float32))
+    wide = s.to(acc_dtype(s.dtype))
     return soft_split_gini_rows(wide, target, infer_classes(target, num_classes)).to(s.dtype)
 
 

@@ -22,7 +22,7 @@ from lossreg.kernels import jit, nanops, tl
 from lossreg.kernels.aligned_rows import aligned_rows_loss
 from lossreg.kernels.pairwise import pairwise_reduction
 
-from ._common import reduce_loss, reductions
+from ._common import acc_dtype, reduce_loss, reductions
 from lossreg.validate import (
     check_bool,
     check_choice,
@@ -93,7 +93,7 @@ def cosine_embedding_reference(input1, input2, target, margin=0.0, reduction="me
     and cos comes out 0."""
     _validate_cosine(input1, input2, target, margin, reduction)
     dtype = input1.dtype
-    wide = torch.promote_types(dtype, torch.float32)
+    wide = acc_dtype(dtype)
     input1, input2 = input1.to(wide), input2.to(wide)
     dot = (input1 * input2).sum(dim=1)
     sq1 = (input1 * input1).sum(dim=1) + COS_EPS
@@ -203,7 +203,7 @@ def _wide(*rows):
     distances of ~4 carry ~u * 4 of error into a hinge on their difference plus a margin
     of ~0.3, flipping triplets in and out of the active set (and p = 1's signs), and
     each p-norm gradient is a difference of such terms (bfloat16: 28% off)."""
-    return [r.float() if r.dtype in (torch.float16, torch.bfloat16) else r for r in rows]
+    return [r.to(acc_dtype(r.dtype)) for r in rows]
 
 
 def triplet_torch(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False,

@@ -19,7 +19,7 @@ from lossreg import Impl, LossSpec, hookimpl
 from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, pointwise_loss, rowwise_loss, tl
 
-from ._common import POINTWISE_SIZES, reduce_loss, reductions
+from ._common import POINTWISE_SIZES, acc_dtype, reduce_loss, reductions
 from lossreg.validate import (
     check_bool,
     check_device,
@@ -192,7 +192,7 @@ def gaussian_nll_reference(input, target, var, full=False, eps=1e-6, reduction="
     gradients' 1/var^2 overflow 65504 where the float64 results are representable."""
     _validate_gaussian(input, target, var, full, eps, reduction)
     dtype = input.dtype
-    wide = torch.promote_types(dtype, torch.float32)
+    wide = acc_dtype(dtype)
     input, target, var = input.to(wide), target.to(wide), var.to(wide)
     var = _var_like_input(var, input)
     clamped = var + (var.clamp(min=eps) - var).detach()

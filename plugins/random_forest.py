@@ -18,7 +18,7 @@ from lossreg.kernels.traffic import streamed
 from lossreg.kernels import jit, tl
 from lossreg.kernels.histogram import histogram_loss
 
-from ._common import reduce_loss, reductions
+from ._common import acc_dtype, reduce_loss, reductions
 from lossreg.validate import (
     check_device,
     check_floating,
@@ -108,7 +108,7 @@ def split_variance_reference(s, target):
     16-bit inputs in float32, the result rounded back: squared deviations of targets
     near 1e4 overflow float16, and the sums lose the deviations in bfloat16."""
     _validate_variance(s, target)
-    wide = torch.promote_types(s.dtype, torch.float32)
+    wide = acc_dtype(s.dtype)
     x, y = s.to(wide), target.detach().to(wide)
     return ((_child_sse(x, y) + _child_sse(1.0 - x, y)) / s.shape[0]).to(s.dtype)
 
