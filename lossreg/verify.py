@@ -79,10 +79,11 @@ def rounded_overflow(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rounding of them (+-inf, same sign); ``ref`` itself when none does."""
     if not dtype.is_floating_point or not ref.is_floating_point():
         return ref
-    over = torch.isfinite(ref) & ~torch.isfinite(ref.to(dtype))
+    rounded = ref.to(dtype)
+    over = torch.isfinite(ref) & ~torch.isfinite(rounded)
     if not bool(over.any()):
         return ref
-    return torch.where(over, ref.to(dtype).to(ref.dtype), ref)
+    return torch.where(over, rounded.to(ref.dtype), ref)
 
 
 def worst(verdicts: list[tuple[str, Verdict]]) -> tuple[str, float | None, float | None, str]:
