@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lossreg.collectives import active_group
+from lossreg.collectives import active_group, all_reduce_, rank_and_size
 
 from . import vocab_ce
 
@@ -53,7 +53,14 @@ def torch_impl(hidden, weight, target, vocab_start=None, ignore_index=-100,
                                label_smoothing, z_loss, reduction, group)
 
 
-def _spans(n: int, v: int):
+def _spans(n: int, v_local: int, device, group):
+    """Token chunks of at most ~CHUNK_ELEMS logits, the same on every rank: each chunk
+    is a collective, so the step comes from the largest vocabulary slice (one 8-byte
+    MAX all-reduce where the slices may differ)."""
+    v = v_local
+    if rank_and_size(group)[1] > 1:
+        v = int(all_reduce_(torch.tensor([v_local], dtype=torch.int64, device=device), "max",
+                            group).item())
     step = max(16, CHUNK_ELEMS // max(v, 1))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -64,7 +71,7 @@ class _FusedLinearVocabCE(torch.autograd.Function):
         n, v_local = hidden.shape[0], weight.shape[0]
         dtype = vocab_ce.stat_dtype(hidden.dtype)
         keep = target != ignore_index
-        spans = _spans(n, v_local)
+        spans = _spans(n, v_local, hidden.device, group)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         term = torch.empty_like(lse)
         local_y = target.long() - start

@@ -140,6 +140,31 @@ def test_bad_arguments_are_clear():
         check_distributed(list(LOSSES), 2, device="cuda")
 
 
+def fused_linear_small_chunks(*args, **kwargs):
+    """The fused linear CE with chunks of ~400 logits: several chunks per rank, and
+    vocabulary slices of 12 and 11 rows that alone would pick different steps."""
+    from lossreg_plugins.distributed import linear_ce
+    linear_ce.CHUNK_ELEMS = 400
+    return linear_ce.fused(*args, **kwargs)
+
+
+def test_fused_linear_chunks_agree_over_uneven_vocabulary_slices():
+    """Each chunk is a collective: ranks that chunked their tokens differently sent
+    buffers of different lengths (gloo aborted: 516 vs 512 bytes, vocabulary 16385 over
+    2 ranks at the default sizes)."""
+    import dataclasses
+
+    import lossreg
+    spec = lossreg.get("vocab_parallel_linear_cross_entropy")
+    assert spec.input_params["quick"].get("vocab", 23) % 2 == 1  # uneven over 2 ranks
+    spec, whole = dataclasses.replace(spec, implementations={}), spec
+    spec.sharding = whole.sharding
+    spec.implementations["small_chunks"] = Impl("small_chunks", fused_linear_small_chunks)
+    rows = check_distributed([spec], 2, dtypes=["float64"], timeout=300)
+    bad = [(r["check"], r["rank"], r["message"]) for r in rows if r["status"] != "ok"]
+    assert rows and not bad, bad[:3]
+
+
 # ---------------------------------------------------------------- sharded runs
 def _tasks():
     tasks = []
