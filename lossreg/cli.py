@@ -182,7 +182,9 @@ def check(names, device, dtypes, impls, sizes, out, case_timeout, world_size):
     from .api import failed, status_counts
 
     if world_size is not None or _torchrun() is not None:
-        df = _run(_check_distributed, names, world_size, device, dtypes, impls, sizes, out,
+        from .distributed_runs import check_command
+
+        df = _run(check_command, names, world_size, device, dtypes, impls, sizes, out,
                   case_timeout)
         if df is None:  # a rank other than 0: rank 0 reports
             sys.exit(0)
@@ -201,29 +203,6 @@ def _torchrun():
     from .sharding import current
 
     return current()
-
-
-def _check_distributed(names, world_size, device, dtypes, impls, sizes, out, case_timeout):
-    """`check --world-size N` (or under torchrun): every rank's forward and gradient
-    shards against the float64 reference's slices; None on ranks other than 0."""
-    from .distributed import check_distributed
-    from .results import ResultWriter, to_table
-
-    if not names:
-        raise Bad("--world-size needs the names of distributed losses (e.g. "
-                  "vocab_parallel_cross_entropy)")
-    info = _torchrun()
-    rows = check_distributed(list(names), world_size,
-                             device="cpu" if device == "auto" and info is None else device,
-                             dtypes=dtypes or None, impls=impls or None, sizes=sizes,
-                             timeout=case_timeout or 300.0)
-    if info is not None and info.rank != 0:
-        return None
-    if out and rows:
-        writer = ResultWriter(out, rows[0]["run_id"])
-        writer.write(rows)
-        writer.finish()
-    return to_table(rows).to_pandas()
 
 
 @main.command()
@@ -245,9 +224,13 @@ def _check_distributed(names, world_size, device, dtypes, impls, sizes, out, cas
 @click.option("--allow-failures", is_flag=True,
               help="exit 0 even when some rows are fail or error (bad input and signals "
                    "still exit 2 and 130/143)")
+@click.option("--world-size", "world_sizes", type=click.IntRange(min=1), multiple=True,
+              help="measure distributed losses over this many gloo ranks spawned here "
+                   "(repeatable: 1 is the single-device loss; under torchrun: the job's "
+                   "ranks): time, peak memory and bytes communicated per step")
 @_friendly
 def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeout, rounds,
-          allow_failures):
+          allow_failures, world_sizes):
     """Checks plus forward/backward/full timings and memory, written as Parquet. Exit
     status: 0 all rows ok or skipped, 1 any fail or error (0 with --allow-failures),
     2 bad input or unwritable results, 130/143 on Ctrl-C/SIGTERM."""
@@ -255,7 +238,10 @@ def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeo
     from .api import failed
 
     info = _torchrun()
-    if info is not None:  # torchrun: this rank runs its share, rank 0 merges
+    if world_sizes:
+        df = _bench_distributed(names, world_sizes, device, dtypes, impls, sizes, budget,
+                                out, case_timeout, rounds)
+    elif info is not None:  # torchrun: this rank runs its share, rank 0 merges
         from .sharding import run_sharded
 
         df = _run(run_sharded, run_bench, out=out, plots=not no_plots,
@@ -275,6 +261,28 @@ def bench(names, device, dtypes, impls, sizes, budget, out, no_plots, case_timeo
                   plots=not no_plots, progress=_progress, case_timeout=case_timeout,
                   rounds=rounds, echo=click.echo)
     sys.exit(1 if failed(df) and not allow_failures else 0)
+
+
+def _bench_distributed(names, world_sizes, device, dtypes, impls, sizes, budget, out,
+                       case_timeout, rounds):
+    from .distributed_bench import summarize
+    from .distributed_runs import bench_command
+
+    if budget or rounds:
+        raise Bad("--budget and --rounds plan a single-process bench; with --world-size "
+                  "give --sizes (default quick)")
+    df = _run(bench_command, names, world_sizes, device, dtypes, impls, sizes, out,
+              case_timeout)
+    if df is None:  # a rank other than 0: rank 0 reports
+        sys.exit(0)
+    from .api import status_counts
+
+    click.echo(summarize(df))
+    bad = df[df["status"].isin(["fail", "error"])]
+    if len(bad):
+        click.echo(_table(bad, ["loss", "impl", "dtype", "n", "world_size", "rank", "message"]))
+    click.echo(f"\n{len(df)} rows ({status_counts(df)}) -> {df.attrs.get('location')}")
+    return df
 
 
 def _load(path: str):

@@ -17,20 +17,12 @@ hangs past ``timeout`` leaves ``error`` rows for the cases it did not finish.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from . import collectives, sharding
+from . import collectives, ranks, sharding
 from .planning import HarnessError, Task, default_dtypes
 from .registry import Registry, default_registry
 from .rows import base_row, error_message, run_context
@@ -42,7 +34,7 @@ SEEDS = (0, 1)
 SINGLE_PROCESS_IMPLS = ("reference", "compile")
 
 
-def _specs(specs_or_names, registry: Registry | None) -> list[LossSpec]:
+def specs_of(specs_or_names, registry: Registry | None) -> list[LossSpec]:
     if isinstance(specs_or_names, (str, LossSpec)):
         specs_or_names = [specs_or_names]
     out = []
@@ -50,14 +42,18 @@ def _specs(specs_or_names, registry: Registry | None) -> list[LossSpec]:
         spec = s if isinstance(s, LossSpec) else (registry or default_registry()).get(s)
         if getattr(spec, "sharding", None) is None:
             raise HarnessError(f"{spec.name} is not a distributed loss (its spec has no "
-                               "sharding); distributed checks need one, e.g. the "
+                               "sharding); distributed runs need one, e.g. the "
                                "'distributed' family")
         out.append(spec)
     return out
 
 
-def plan(specs: list[LossSpec], device: str, dtypes, impls, sizes: str) -> list[Task]:
-    dtypes = list(dtypes) if dtypes else default_dtypes(device)
+def plan(specs: list[LossSpec], device: str, dtypes, impls, sizes: str,
+         command: str = "check", single_process: Sequence[str] = ()) -> list[Task]:
+    """The cases of a distributed run, in the same order on every rank. Implementations
+    that only compute on whole tensors run where named in ``single_process``, whatever
+    ``impls`` says (a benchmark's single-device baseline)."""
+    dtypes = list(dtypes) if dtypes else default_dtypes(device, command)
     for d in dtypes:
         if d not in DTYPES:
             raise HarnessError(f"unknown dtype {d!r}: expected one of {', '.join(DTYPES)}")
@@ -69,7 +65,9 @@ def plan(specs: list[LossSpec], device: str, dtypes, impls, sizes: str) -> list[
     tasks = []
     for spec in specs:
         for impl in spec.implementations.values():
-            if impl.name in SINGLE_PROCESS_IMPLS or (impls and impl.name not in impls):
+            whole_only = impl.name in SINGLE_PROCESS_IMPLS
+            if (impl.name not in single_process) if whole_only else \
+                    (impls and impl.name not in impls):
                 continue
             for dtype in dtypes:
                 if impl.supports(device.split(":")[0], dtype):
@@ -193,118 +191,23 @@ def run_rank(tasks: list[Task], context: dict, rank: int, world: int, group, dev
         send(i, rows)
 
 
-def rank_entry(argv: list[str]) -> None:
-    """A spawned rank: ``payload rank world host port pg_timeout results``; appends
-    ``(case index, rows)`` to its results file after every case, ``(None, None)`` last."""
-    import cloudpickle
-
-    path, rank, world, host, port, pg_timeout, results = argv
-    rank, world, port, pg_timeout = int(rank), int(world), int(port), float(pg_timeout)
-    with open(path, "rb") as f:
-        tasks, context, device = cloudpickle.load(f)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    store = dist.TCPStore(host, port, world + 1, False, timeout=timedelta(seconds=pg_timeout))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=pg_timeout))
-    with open(results, "ab") as out:
-        def send(i, rows):
-            pickle.dump((i, rows), out)
-            out.flush()
-
-        try:
-            run_rank(tasks, context, rank, world, dist.group.WORLD, device, send)
-        finally:
-            send(None, None)
-    dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------- the runs
-def _missing_rows(tasks, context, got: dict, world: int, why: dict) -> list[dict]:
-    rows = []
-    for r in range(world):
-        for i, task in enumerate(tasks):
-            if (r, i) in got:
-                continue
-            row = base_row(context, task, dict(task.spec.options))
-            row.update(check="correctness", mode="forward", status="error",
-                       message=f"rank {r} of {world} {why.get(r, 'did not report')} before "
-                               "finishing this case", world_size=world, rank=r)
-            rows.append(row)
-    return rows
-
-
-def _read(path: str) -> list[tuple]:
-    records = []
-    try:
-        with open(path, "rb") as f:
-            while True:
-                records.append(pickle.load(f))
-    except (EOFError, pickle.UnpicklingError, OSError):
-        pass  # the end, or a record cut short by a dying rank
-    return records
-
-
-def _spawned(tasks, context, world: int, device: str, timeout: float) -> list[dict]:
-    import cloudpickle
-
-    from .workers import describe_exit
-
-    host = "127.0.0.1"
-    pg_timeout = max(5.0, min(timeout, 60.0))
-    store = dist.TCPStore(host, 0, world + 1, True, timeout=timedelta(seconds=pg_timeout),
-                          wait_for_workers=False)
-    tmp = tempfile.mkdtemp(prefix="lossreg-ranks-")
-    payload = os.path.join(tmp, "payload.pickle")
-    with open(payload, "wb") as f:
-        cloudpickle.dump((tasks, context, device), f)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = "import sys; from lossreg.distributed import rank_entry; rank_entry(sys.argv[1:])"
-    results = [os.path.join(tmp, f"rank-{r}.pickle") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, "-c", code, payload, str(r), str(world), host,
-                               str(store.port), str(pg_timeout), results[r]], env=env)
-             for r in range(world)]
-    deadline = time.monotonic() + timeout
-    why: dict[int, str] = {}
-    try:
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            dead = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if dead:  # the others would wait for it in their next collective
-                for r, p in enumerate(procs):
-                    if p.poll() is None:
-                        why[r] = (f"was stopped: rank {dead[0]} "
-                                  f"{describe_exit(procs[dead[0]].returncode)}")
-                break
-            time.sleep(0.2)
-    finally:
-        for r, p in enumerate(procs):
-            if p.poll() is None:
-                why.setdefault(r, f"hung: still running after the {timeout:g} s timeout")
-                p.kill()
-            p.wait()
-            if p.returncode != 0 and r not in why:
-                why[r] = describe_exit(p.returncode)
-        del store
-    got: dict[tuple, list] = {}
-    for r in range(world):
-        for i, rows in _read(results[r]):
-            if i is not None:
-                got[(r, i)] = rows
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows = [row for key in sorted(got) for row in got[key]]
-    return rows + _missing_rows(tasks, context, got, world, why)
-
-
-def _under_torchrun(tasks, context, info, device: str) -> list[dict]:
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-    world = dist.get_world_size()
-    mine: list[dict] = []
-    run_rank(tasks, context, info.rank, world, dist.group.WORLD, device,
-             lambda i, rows: mine.extend(rows))
-    parts = [None] * world if info.rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    return [r for p in parts for r in p] if info.rank == 0 else mine
+def placement(world_size, device: str):
+    """``(torchrun's RankInfo or None, this rank's device)`` of a distributed run, after
+    checking ``world_size`` (the job's under torchrun, else a whole number >= 1 of gloo
+    ranks to spawn here, which needs device cpu)."""
+    info = sharding.current()
+    if info is not None:
+        if world_size not in (None, info.world_size):
+            raise HarnessError(f"--world-size {world_size} but torchrun started "
+                               f"{info.world_size} ranks: give the same number or none")
+        return info, sharding.device_for(info, device)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise HarnessError(f"world_size must be a whole number of at least 1, got "
+                           f"{world_size!r}")
+    if not device.startswith("cpu"):
+        raise HarnessError(f"distributed runs outside torchrun spawn gloo ranks on the CPU "
+                           f"(device cpu), got {device!r}; for GPUs start them with torchrun")
+    return None, device
 
 
 def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size: int | None,
@@ -324,23 +227,12 @@ def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size
         raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise HarnessError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    info = sharding.current()
-    if info is not None:
-        if world_size not in (None, info.world_size):
-            raise HarnessError(f"--world-size {world_size} but torchrun started "
-                               f"{info.world_size} ranks: give the same number or none")
-        device = sharding.device_for(info, device)
-    elif isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise HarnessError(f"world_size must be a whole number of at least 1, got "
-                           f"{world_size!r}")
-    elif not device.startswith("cpu"):
-        raise HarnessError(f"distributed checks outside torchrun spawn gloo ranks on the CPU "
-                           f"(device cpu), got {device!r}; for GPUs start them with torchrun")
-    specs = _specs(specs_or_names, registry)
+    info, device = placement(world_size, device)
+    specs = specs_of(specs_or_names, registry)
     tasks = plan(specs, device, dtypes, impls, sizes)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     context = run_context(device.split(":")[0], name, run_id)
     context["timestamp"] = _dt.datetime.now(_dt.timezone.utc)
     if info is not None:
-        return _under_torchrun(tasks, context, info, device)
-    return _spawned(tasks, context, world_size, device, float(timeout))
+        return ranks.in_job(run_rank, tasks, context, info.rank, device)
+    return ranks.spawned_rows(run_rank, tasks, context, world_size, device, float(timeout))

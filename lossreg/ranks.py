@@ -1,0 +1,157 @@
+"""Running one function on every rank of a process group, for the distributed checks
+and benchmarks: `spawn` starts ``world`` gloo ranks on this machine (fresh
+interpreters, rendezvous on a TCP store this process holds on a free port) and
+`in_job` runs this process as the rank torchrun made it (NCCL on GPUs).
+
+The function, ``work(tasks, context, rank, world, group, device, send)``, goes through
+the cases in the same order on every rank and calls ``send(i, rows)`` after case i.
+A spawned rank appends each ``(i, rows)`` to its own file, so a rank that dies loses
+only the case it was in; a rank that dies stops the others at once (they would wait
+for it in their next collective), one that hangs is killed at ``timeout``, and the
+cases they did not finish become ``error`` rows naming the rank and what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .planning import Task
+from .rows import base_row
+from .workers import describe_exit
+
+Work = Callable[..., None]
+
+
+def rank_entry(argv: list[str]) -> None:
+    """A spawned rank: ``payload rank world host port pg_timeout results``; appends
+    ``(case index, rows)`` to its results file after every case, ``(None, None)`` last."""
+    import cloudpickle
+
+    path, rank, world, host, port, pg_timeout, results = argv
+    rank, world, port, pg_timeout = int(rank), int(world), int(port), float(pg_timeout)
+    with open(path, "rb") as f:
+        work, tasks, context, device = cloudpickle.load(f)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    store = dist.TCPStore(host, port, world + 1, False, timeout=timedelta(seconds=pg_timeout))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=pg_timeout))
+    with open(results, "ab") as out:
+        def send(i, rows):
+            pickle.dump((i, rows), out)
+            out.flush()
+
+        try:
+            work(tasks, context, rank, world, dist.group.WORLD, device, send)
+        finally:
+            send(None, None)
+    dist.destroy_process_group()
+
+
+def _read(path: str) -> list[tuple]:
+    records = []
+    try:
+        with open(path, "rb") as f:
+            while True:
+                records.append(pickle.load(f))
+    except (EOFError, pickle.UnpicklingError, OSError):
+        pass  # the end, or a record cut short by a dying rank
+    return records
+
+
+def missing_rows(tasks: list[Task], context: dict, got: dict, world: int, why: dict,
+                 check: str = "correctness", mode: str = "forward") -> list[dict]:
+    """An ``error`` row per (rank, case) that never reported, saying why."""
+    rows = []
+    for r in range(world):
+        for i, task in enumerate(tasks):
+            if (r, i) in got:
+                continue
+            row = base_row(context, task, dict(task.spec.options))
+            row.update(check=check, mode=mode, status="error",
+                       message=f"rank {r} of {world} {why.get(r, 'did not report')} before "
+                               "finishing this case", world_size=world, rank=r)
+            rows.append(row)
+    return rows
+
+
+def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
+          timeout: float) -> tuple[dict, dict]:
+    """Run ``work`` on ``world`` gloo ranks spawned here. Returns ``({(rank, i): rows},
+    {rank: why it stopped early})``; ``timeout`` bounds the whole run."""
+    import cloudpickle
+
+    host = "127.0.0.1"
+    pg_timeout = max(5.0, min(timeout, 60.0))
+    store = dist.TCPStore(host, 0, world + 1, True, timeout=timedelta(seconds=pg_timeout),
+                          wait_for_workers=False)
+    tmp = tempfile.mkdtemp(prefix="lossreg-ranks-")
+    payload = os.path.join(tmp, "payload.pickle")
+    with open(payload, "wb") as f:
+        cloudpickle.dump((work, tasks, context, device), f)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = "import sys; from lossreg.ranks import rank_entry; rank_entry(sys.argv[1:])"
+    results = [os.path.join(tmp, f"rank-{r}.pickle") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, payload, str(r), str(world), host,
+                               str(store.port), str(pg_timeout), results[r]], env=env)
+             for r in range(world)]
+    deadline = time.monotonic() + timeout
+    why: dict[int, str] = {}
+    try:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            dead = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if dead:  # the others would wait for it in their next collective
+                for r, p in enumerate(procs):
+                    if p.poll() is None:
+                        why[r] = (f"was stopped: rank {dead[0]} "
+                                  f"{describe_exit(procs[dead[0]].returncode)}")
+                break
+            time.sleep(0.2)
+    finally:
+        for r, p in enumerate(procs):
+            if p.poll() is None:
+                why.setdefault(r, f"hung: still running after the {timeout:g} s timeout")
+                p.kill()
+            p.wait()
+            if p.returncode != 0 and r not in why:
+                why[r] = describe_exit(p.returncode)
+        del store
+    got: dict[tuple, list] = {}
+    for r in range(world):
+        for i, rows in _read(results[r]):
+            if i is not None:
+                got[(r, i)] = rows
+    shutil.rmtree(tmp, ignore_errors=True)
+    return got, why
+
+
+def in_job(work: Work, tasks: list[Task], context: dict, rank: int, device: str) -> list[dict]:
+    """Run ``work`` as this rank of a torchrun job; rank 0 gets every rank's rows, the
+    others their own."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    world = dist.get_world_size()
+    mine: list[dict] = []
+    work(tasks, context, rank, world, dist.group.WORLD, device,
+         lambda i, rows: mine.extend(rows))
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return [r for p in parts for r in p] if rank == 0 else mine
+
+
+def spawned_rows(work: Work, tasks: list[Task], context: dict, world: int, device: str,
+                 timeout: float, check: str = "correctness", mode: str = "forward"):
+    """`spawn`, then every row in (case, rank) order plus the missing ones."""
+    got, why = spawn(work, tasks, context, world, device, timeout)
+    rows = [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
+    return rows + missing_rows(tasks, context, got, world, why, check, mode)

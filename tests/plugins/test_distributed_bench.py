@@ -1,0 +1,81 @@
+"""`lossreg bench --world-size`: the distributed losses' per-rank time, peak memory and
+bytes communicated per step, against the single-device loss (issue 19, point 4)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import lossreg
+from lossreg.cli import main
+from lossreg.distributed_bench import bench_distributed, summarize
+from lossreg.planning import HarnessError
+from lossreg.results import to_table
+from test_distributed import toy_spec
+
+
+@pytest.fixture(scope="module")
+def vocab_rows():
+    return bench_distributed(["vocab_parallel_cross_entropy"], [1, 2], impls=["torch", "fused"])
+
+
+def test_every_case_at_every_world_size_on_every_rank(vocab_rows):
+    spec = lossreg.get("vocab_parallel_cross_entropy")
+    assert all(r["status"] == "ok" for r in vocab_rows), [r["message"] for r in vocab_rows]
+    seen = {(r["impl"], r["n"], r["world_size"], r["rank"]) for r in vocab_rows}
+    expected = {(i, n, 1, 0) for i in ("reference", "torch", "fused") for n in spec.sizes["quick"]}
+    expected |= {(i, n, 2, r) for i in ("torch", "fused") for n in spec.sizes["quick"]
+                 for r in (0, 1)}
+    assert seen == expected and len(vocab_rows) == len(expected)
+    for r in vocab_rows:
+        assert r["check"] == "throughput" and r["mode"] == "full"
+        assert r["time_ms_p20"] <= r["time_ms"] <= r["time_ms_p80"] and r["repeats"] >= 5
+        assert r["peak_bytes"] > 0 and r["speedup"] > 0
+
+
+def test_communication_is_o_tokens_and_memory_is_split(vocab_rows):
+    """No bytes without a group; at most 16 bytes per token and rank over two ranks
+    (two all-reduces: the row max, then the stacked sum of exps and target logit), and
+    each rank's peak below the single-device loss's (a vocabulary half each)."""
+    single = {(r["impl"], r["n"]): r["peak_bytes"] for r in vocab_rows if r["world_size"] == 1}
+    for r in vocab_rows:
+        if r["world_size"] == 1:
+            assert r["comm_bytes"] == 0
+            continue
+        assert 0 < r["comm_bytes"] <= 16 * r["n"], r
+        assert r["peak_bytes"] < single[(r["impl"], r["n"])], r
+        assert r["peak_bytes"] < single[("reference", r["n"])], r
+
+
+def test_summary_relates_each_world_size_to_the_single_device_loss(vocab_rows):
+    df = to_table(vocab_rows).to_pandas()
+    lines = summarize(df).splitlines()
+    assert len(lines) == 1 + len({(r["impl"], r["n"], r["world_size"]) for r in vocab_rows})
+    ws1 = [ln for ln in lines[1:] if ln.split()[4] == "1"]
+    assert all(ln.split()[7] == "1.000x" for ln in ws1)  # vs its own single-device peak
+
+
+def test_a_hung_rank_becomes_error_rows_and_the_run_ends():
+    start = time.monotonic()
+    rows = bench_distributed([toy_spec()], [2], dtypes=["float64"], impls=["hangs"],
+                             case_timeout_s=5)
+    assert time.monotonic() - start < 5 + 60
+    status = {r["rank"]: (r["status"], r["message"]) for r in rows}
+    assert status[1][0] == "error" and "hung" in status[1][1], status
+    assert status[0][0] == "error" and len(rows) == 2
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(HarnessError, match="not a distributed loss"):
+        bench_distributed(["mse"], [2])
+    with pytest.raises(HarnessError, match="world sizes"):
+        bench_distributed(["vocab_parallel_cross_entropy"], [])
+    with pytest.raises(HarnessError, match="torchrun"):
+        bench_distributed(["vocab_parallel_cross_entropy"], [2], device="cuda")
+    with pytest.raises(HarnessError, match="case timeout"):
+        bench_distributed(["vocab_parallel_cross_entropy"], [2], case_timeout_s=-1)
+    r = CliRunner().invoke(main, ["bench", "vocab_parallel_cross_entropy", "--world-size", "2",
+                                  "--rounds", "2"])
+    assert r.exit_code == 2 and "--rounds" in r.output
