@@ -138,6 +138,8 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
 def in_job(work: Work, tasks: list[Task], context: dict, rank: int, device: str) -> list[dict]:
     """Run ``work`` as this rank of a torchrun job; rank 0 gets every rank's rows, the
     others their own."""
+    if device.startswith("cuda"):  # NCCL's own buffers and gather_object use this device
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     world = dist.get_world_size()
