@@ -148,7 +148,11 @@ def in_job(work: Work, tasks: list[Task], context: dict, rank: int, device: str)
          lambda i, rows: mine.extend(rows))
     parts = [None] * world if rank == 0 else None
     dist.gather_object(mine, parts, dst=0)
-    return [r for p in parts for r in p] if rank == 0 else mine
+    if rank != 0:
+        return mine
+    # one run: rank 0's id and start time on every row (each rank drew its own)
+    return [{**r, "run_id": context["run_id"], "timestamp": context["timestamp"]}
+            for p in parts for r in p]
 
 
 def spawned_rows(work: Work, tasks: list[Task], context: dict, world: int, device: str,

@@ -79,3 +79,22 @@ def test_bad_arguments_are_clear():
     r = CliRunner().invoke(main, ["bench", "vocab_parallel_cross_entropy", "--world-size", "2",
                                   "--rounds", "2"])
     assert r.exit_code == 2 and "--rounds" in r.output
+
+
+def test_in_a_job_rank_0_returns_one_run():
+    """Under torchrun every rank draws its own run id; the rows rank 0 gathers carry
+    its id and start time (a group of one here: the gather is the same code)."""
+    import torch.distributed as dist
+
+    from lossreg import ranks
+
+    def work(tasks, context, rank, world, group, device, send):
+        send(0, [{"run_id": "other-rank", "timestamp": None, "rank": rank}])
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rows = ranks.in_job(work, [], {"run_id": "mine", "timestamp": 7}, 0, "cpu")
+    finally:
+        dist.destroy_process_group()
+    assert rows == [{"run_id": "mine", "timestamp": 7, "rank": 0}]
