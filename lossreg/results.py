@@ -186,8 +186,9 @@ def _hidden(path: Path, root: Path) -> bool:
 
 def _type_conforms(expected: pa.DataType, actual: pa.DataType) -> bool:
     """The column's type is the schema's, or one that converts to it without loss of
-    meaning: all nulls, a narrower int (or an int for a float), large or dictionary
-    strings, a timestamp of another unit."""
+    meaning: all nulls, a narrower int (or an int for a float), a float for an int
+    (pandas writes a nullable int column as floats; `conform` refuses fractions), large
+    or dictionary strings, a timestamp of another unit."""
     if actual == expected or pa.types.is_null(actual):
         return True
     if pa.types.is_dictionary(actual):
@@ -195,7 +196,7 @@ def _type_conforms(expected: pa.DataType, actual: pa.DataType) -> bool:
     if pa.types.is_string(expected):
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
     if pa.types.is_integer(expected):
-        return pa.types.is_integer(actual)
+        return pa.types.is_integer(actual) or pa.types.is_floating(actual)
     if pa.types.is_floating(expected):
         return pa.types.is_floating(actual) or pa.types.is_integer(actual)
     if pa.types.is_timestamp(expected):
@@ -220,7 +221,11 @@ def conform(t: pa.Table) -> pa.Table:
             t = t.append_column(c, pa.nulls(t.num_rows, SCHEMA.field(c).type))
     extra = [c for c in t.column_names if c not in COLUMNS]
     t = t.select(COLUMNS + extra)
-    t = t.cast(pa.schema([SCHEMA.field(c) for c in COLUMNS] + [t.schema.field(c) for c in extra]))
+    try:  # safe casts: a float that is not a whole number is refused, not truncated
+        t = t.cast(pa.schema([SCHEMA.field(c) for c in COLUMNS]
+                             + [t.schema.field(c) for c in extra]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"column values do not fit the schema's types: {exc}") from None
     statuses = {s for s in t.column("status").unique().to_pylist()}
     unknown = sorted(str(s) for s in statuses - set(STATUSES))
     if unknown:

@@ -111,6 +111,22 @@ def test_unknown_status_and_widened_types(tmp_path):
     assert str(df.n.dtype) == "int64"
 
 
+def test_a_pandas_round_trip_loads_and_fractions_in_int_columns_do_not(tmp_path):
+    """pandas writes a nullable int column (model_bytes with nulls) as floats: whole
+    numbers load back as ints; 1.5 in an int column is refused, naming the column."""
+    ResultWriter(tmp_path / "run", "r").write([_row("r", n=3), {**_row("r", n=4),
+                                                                "model_bytes": 96}])
+    df = load_results(tmp_path / "run")
+    df.to_parquet(tmp_path / "pandas.parquet")
+    assert pq.read_schema(tmp_path / "pandas.parquet").field("model_bytes").type == pa.float64()
+    again = load_results(tmp_path / "pandas.parquet", strict=True)
+    assert again.n.tolist() == [3, 4] and str(again.n.dtype) == "int64"
+    assert again.model_bytes.isna().tolist() == [True, False] and again.model_bytes[1] == 96
+    df.assign(n=[3.0, 1.5]).to_parquet(tmp_path / "fraction.parquet")
+    with pytest.raises(ValueError, match=r"fraction\.parquet.*1\.5"):
+        load_results(tmp_path / "fraction.parquet", strict=True)
+
+
 def test_full_disk_raises_one_line_and_keeps_written_rows(tmp_path, monkeypatch):
     import errno
 
