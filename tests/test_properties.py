@@ -115,9 +115,7 @@ def _pairs():
 
 #: pairs whose float32 draws fail the default tolerance, open (issue 18): run, and XPASS
 #: once fixed
-OPEN_PAIRS = {
-    ("info_nce", "triton"): "float32 gradient ~3e-5 relative at temperature 0.02",
-}
+OPEN_PAIRS: dict[tuple[str, str], str] = {}
 
 
 PAIRS = list(_pairs())
