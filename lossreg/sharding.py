@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -152,15 +153,22 @@ def run_sharded(bench_fn: Callable[..., Any], *, out: str | os.PathLike = "resul
     mine = _rank_dir(out, info.rank)
     error = None
     df = None
+    store = dist.distributed_c10d._get_default_store()
     try:
         df = bench_fn(out=mine, run_id=run_id, select=pick, consolidate=False, plots=False,
                       row_extra={"rank": info.rank, "world_size": info.world_size}, **kwargs)
         _write_final(df, mine, run_id)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or torchrun ending the job: a rank failed
+        if info.rank == 0:
+            sig = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
+            merged = salvage(out, run_id, seen.get("all", []), info.world_size, store,
+                             f"stopped by {sig}", cost)
+            stop.rows, stop.location = len(merged), out / f"run-{run_id}.parquet"
+        raise
     except Exception as exc:  # noqa: BLE001 - this rank's cases become error rows
         from .rows import error_message
 
         error = error_message(exc)
-    store = dist.distributed_c10d._get_default_store()
     store.set(f"lossreg/{run_id}/done/{info.rank}", error or "ok")
     if info.rank != 0:
         return df
@@ -206,6 +214,23 @@ def _wait_for(store, run_id: str, world: int, timeout: float) -> dict[int, str]:
     for r in range(world):
         status.setdefault(r, f"did not report within {timeout:g} s")
     return status
+
+
+def salvage(out: Path, run_id: str, tasks: Sequence, world: int, store, why: str,
+            cost=None):
+    """Rank 0 stopped mid-run (torchrun ends every rank when one fails, or Ctrl-C):
+    one run anyway, from the rows every rank has written; the cases not written become
+    error rows saying what stopped their rank."""
+    status = {0: why}
+    for r in range(1, world):
+        try:
+            key = f"lossreg/{run_id}/done/{r}"
+            status[r] = store.get(key).decode() if store.check([key]) else None
+        except Exception:  # noqa: BLE001 - the job's store may already be gone
+            status[r] = None
+        status[r] = status[r] or ("stopped before it finished: the job ended (torchrun "
+                                  "stops every rank when one fails)")
+    return consolidate(out, run_id, tasks, world, status, cost)
 
 
 def _rank_rows(out: Path, rank: int, run_id: str):
