@@ -36,7 +36,10 @@ def check_command(names, world_size, device, dtypes, impls, sizes, out, case_tim
     """Every rank's forward and gradient shards against the float64 reference's slices
     (`lossreg.distributed.check_distributed`)."""
     from .distributed import check_distributed
+    from .results import check_writable
 
+    if out:
+        check_writable(out)
     rows = check_distributed(_names(names), world_size, device=_device(device),
                              dtypes=dtypes or None, impls=impls or None, sizes=sizes,
                              timeout=case_timeout or 300.0)
@@ -48,7 +51,10 @@ def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_ti
     """Per-rank time, peak memory and bytes communicated per step at each world size
     (`lossreg.distributed_bench.bench_distributed`)."""
     from .distributed_bench import bench_distributed
+    from .results import check_writable
 
+    if out:
+        check_writable(out)
     rows = bench_distributed(_names(names), list(world_sizes) or None,
                              device=_device(device), dtypes=dtypes or None,
                              impls=impls or None, sizes=sizes or "quick",

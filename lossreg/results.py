@@ -82,10 +82,26 @@ class ResultsWriteError(OSError):
     """The results could not be written (disk full, ``--out`` not writable). Its message
     is one line saying where and why, and how many rows are already safe on disk."""
 
+    def __str__(self) -> str:  # the sentence, without OSError's "[Errno N]" prefix
+        return self.strerror or super().__str__()
+
 
 def _write_error(what: str, path: Path, exc: OSError, kept: str) -> ResultsWriteError:
     reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     return ResultsWriteError(exc.errno, f"cannot {what} {str(path)!r}: {reason}; {kept}")
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail before a run when ``out`` cannot be created or written (nothing is made)."""
+    out = Path(out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
+        code = errno.ENOTDIR if not probe.is_dir() else errno.EACCES
+        raise ResultsWriteError(code, f"cannot write results to {str(out)!r}: "
+                                f"{str(probe)!r} is "
+                                + ("not a folder" if not probe.is_dir() else "not writable"))
 
 
 def to_table(rows: Iterable[dict]) -> pa.Table:

@@ -10,7 +10,6 @@ kill or a hang costs one case: its row says what happened and the run goes on.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Callable, Sequence
 from . import cases, measure, planning
 from .planning import HarnessError, Plan, Task, make_plan
 from .registry import Registry, default_registry
-from .results import ResultWriter, to_table
+from .results import ResultWriter, check_writable, to_table
 from .rows import base_row, run_context, skipped_rows
 from .timing import timing_columns
 from .workers import Pool, WorkerStartError
@@ -240,16 +239,6 @@ def run_rounds(state: RunState, report: Callable[[str, str], None]) -> None:
     _set_timing(state)
 
 
-def _writable(out: Path) -> None:
-    """Fail before the run when ``out`` cannot be created or written (nothing made)."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
-        raise HarnessError(f"cannot write results to {str(out)!r}: {str(probe)!r} is "
-                           + ("not a folder" if not probe.is_dir() else "not writable"))
-
-
 def execute(
     names: Sequence[str] | None = None, *, device: str = "auto",
     dtypes: Sequence[str] | None = None, impls: Sequence[str] | None = None,
@@ -293,7 +282,7 @@ def execute(
         rounds = plan.rounds = rounds or 1
     tasks = list(select(plan.tasks)) if select is not None else plan.tasks
     if out is not None:
-        _writable(Path(out))
+        check_writable(out)
     dev_type = measure.device_type(device)
     specs = {t.spec.name: t.spec for t in tasks}
     limits = {} if check_bytes_max is None else {"check_bytes_max": check_bytes_max}

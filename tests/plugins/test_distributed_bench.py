@@ -98,3 +98,14 @@ def test_in_a_job_rank_0_returns_one_run():
     finally:
         dist.destroy_process_group()
     assert rows == [{"run_id": "mine", "timestamp": 7, "rank": 0}]
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_an_unwritable_out_stops_before_any_rank_starts(command, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    start = time.monotonic()
+    r = CliRunner().invoke(main, [command, "vocab_parallel_cross_entropy", "--world-size", "2",
+                                  "--out", str(blocker / "out")])
+    assert r.exit_code == 2 and "is not a folder" in r.output, r.output
+    assert "Errno" not in r.output and time.monotonic() - start < 5  # no rank was spawned
