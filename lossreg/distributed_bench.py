@@ -171,12 +171,19 @@ def bench_distributed(names: Sequence[str], world_sizes: Sequence[int] | None = 
         rows = ranks.in_job(bench_rank, tasks, context, info.rank, device)
         _speedups(rows)
         return rows
-    rows = []
-    for world in worlds:
-        tasks = plan(specs, device, dtypes, impls, sizes, "bench", _whole(world, impls))
+    rows, plans = [], [plan(specs, device, dtypes, impls, sizes, "bench", _whole(w, impls))
+                       for w in worlds]
+    for world, tasks in zip(worlds, plans):
         limit = sum(case_timeout_s or case_timeout(t, device) for t in tasks)
-        rows += ranks.spawned_rows(bench_rank, tasks, context, world, device, limit,
-                                   check="throughput", mode="full")
+        try:
+            rows += ranks.spawned_rows(bench_rank, tasks, context, world, device, limit,
+                                       check="throughput", mode="full")
+        except ranks.RanksInterrupted as stop:  # one run of every world size so far
+            stop.rows = rows + stop.rows
+            stop.done += sum(map(len, plans[:worlds.index(world)]))
+            stop.total = sum(map(len, plans))
+            _speedups(stop.rows)
+            raise
     _speedups(rows)
     return rows
 

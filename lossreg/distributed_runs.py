@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .planning import HarnessError
+from .ranks import RanksInterrupted
 from .sharding import current
 
 
@@ -19,6 +20,16 @@ def _written(rows: list[dict], out: str | None):
         writer.write(rows)
         df.attrs["location"] = str(writer.finish())
     return df
+
+
+def _stopped(stop, out):
+    """The rows the ranks finished, written; then the run's usual Ctrl-C/SIGTERM end."""
+    from .runner import Interrupted
+
+    location = _written(stop.rows, out).attrs.get("location") if out and stop.rows else None
+    raise Interrupted("a distributed run", stop.done, stop.total, len(stop.rows),
+                      location or ("memory (no --out given)" if not out else "nowhere (none "
+                                   "finished)"), stop.signum) from None
 
 
 def _names(names: Sequence[str]) -> list[str]:
@@ -40,9 +51,12 @@ def check_command(names, world_size, device, dtypes, impls, sizes, out, case_tim
 
     if out:
         check_writable(out)
-    rows = check_distributed(_names(names), world_size, device=_device(device),
-                             dtypes=dtypes or None, impls=impls or None, sizes=sizes,
-                             timeout=case_timeout or 300.0)
+    try:
+        rows = check_distributed(_names(names), world_size, device=_device(device),
+                                 dtypes=dtypes or None, impls=impls or None, sizes=sizes,
+                                 timeout=case_timeout or 300.0)
+    except RanksInterrupted as stop:
+        _stopped(stop, out)
     info = current()
     return None if info is not None and info.rank != 0 else _written(rows, out)
 
@@ -55,9 +69,12 @@ def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_ti
 
     if out:
         check_writable(out)
-    rows = bench_distributed(_names(names), list(world_sizes) or None,
-                             device=_device(device), dtypes=dtypes or None,
-                             impls=impls or None, sizes=sizes or "quick",
-                             case_timeout_s=case_timeout or None)
+    try:
+        rows = bench_distributed(_names(names), list(world_sizes) or None,
+                                 device=_device(device), dtypes=dtypes or None,
+                                 impls=impls or None, sizes=sizes or "quick",
+                                 case_timeout_s=case_timeout or None)
+    except RanksInterrupted as stop:
+        _stopped(stop, out)
     info = current()
     return None if info is not None and info.rank != 0 else _written(rows, out)

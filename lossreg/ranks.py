@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,11 +27,21 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import stopping
 from .planning import Task
 from .rows import base_row
 from .workers import describe_exit
 
 Work = Callable[..., None]
+
+
+class RanksInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while ranks ran: they were stopped; ``rows`` holds the rows
+    of the cases that every rank... each rank had finished (``done`` of ``total``)."""
+
+    def __init__(self, rows: list[dict], done: int, total: int, signum: int):
+        super().__init__(f"interrupted after {done} of {total} cases")
+        self.rows, self.done, self.total, self.signum = rows, done, total, signum
 
 
 def rank_entry(argv: list[str]) -> None:
@@ -88,7 +99,8 @@ def missing_rows(tasks: list[Task], context: dict, got: dict, world: int, why: d
 def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
           timeout: float) -> tuple[dict, dict]:
     """Run ``work`` on ``world`` gloo ranks spawned here. Returns ``({(rank, i): rows},
-    {rank: why it stopped early})``; ``timeout`` bounds the whole run."""
+    {rank: why it stopped early})``; ``timeout`` bounds the whole run. Ctrl-C or
+    SIGTERM stops the ranks and raises `RanksInterrupted` with the finished rows."""
     import cloudpickle
 
     host = "127.0.0.1"
@@ -107,6 +119,8 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
              for r in range(world)]
     deadline = time.monotonic() + timeout
     why: dict[int, str] = {}
+    stopped_by = None
+    previous = stopping.on_sigterm()
     try:
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             dead = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
@@ -117,7 +131,10 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
                                   f"{describe_exit(procs[dead[0]].returncode)}")
                 break
             time.sleep(0.2)
+    except KeyboardInterrupt as exc:  # the ranks go with this run, what they wrote stays
+        stopped_by = getattr(exc, "signum", signal.SIGINT)
     finally:
+        stopping.restore_sigterm(previous)
         for r, p in enumerate(procs):
             if p.poll() is None:
                 why.setdefault(r, f"hung: still running after the {timeout:g} s timeout")
@@ -132,6 +149,10 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
             if i is not None:
                 got[(r, i)] = rows
     shutil.rmtree(tmp, ignore_errors=True)
+    if stopped_by is not None:
+        rows = [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
+        done = sum(all((r, i) in got for r in range(world)) for i in range(len(tasks)))
+        raise RanksInterrupted(rows, done, len(tasks), stopped_by)
     return got, why
 
 

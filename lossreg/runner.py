@@ -11,13 +11,12 @@ kill or a hang costs one case: its row says what happened and the run goes on.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import cases, measure, planning
+from . import cases, measure, planning, stopping
 from .planning import HarnessError, Plan, Task, make_plan
 from .registry import Registry, default_registry
 from .results import ResultWriter, check_writable, to_table
@@ -51,10 +50,6 @@ class Interrupted(KeyboardInterrupt):
             case, done, total, rows, location, signum)
         super().__init__(f"interrupted during {case} (case {done + 1} of {total}); "
                          f"{rows} rows of the finished cases are in {location}")
-
-
-class _Terminated(KeyboardInterrupt):
-    signum = signal.SIGTERM
 
 
 def resolve_device(device: str) -> str:
@@ -310,7 +305,7 @@ def execute(
         counter["done"] += 1
         shown.case_done(name, status)
 
-    previous = _on_sigterm()
+    previous = stopping.on_sigterm()
     state = None
     try:
         info = pool.start() if tasks else {"device_name": measure.device_name(device)
@@ -366,24 +361,8 @@ def execute(
     finally:
         pool.close()
         shown.close()
-        _restore_sigterm(previous)
+        stopping.restore_sigterm(previous)
     rows = state.rows
     df = to_table(rows).to_pandas() if rows else pd.DataFrame(columns=list(
         to_table([]).schema.names))
     return df, writer
-
-
-def _on_sigterm():
-    """SIGTERM (what `timeout` and schedulers send) ends the run like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def raise_terminated(signum, frame):
-        raise _Terminated()
-
-    return signal.signal(signal.SIGTERM, raise_terminated)
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)

@@ -109,3 +109,55 @@ def test_an_unwritable_out_stops_before_any_rank_starts(command, tmp_path):
                                   "--out", str(blocker / "out")])
     assert r.exit_code == 2 and "is not a folder" in r.output, r.output
     assert "Errno" not in r.output and time.monotonic() - start < 5  # no rank was spawned
+
+
+def _one_case_then_hang(tasks, context, rank, world, group, device, send):
+    send(0, [{"rank": rank, "case": 0}])
+    open(f"{context['marker']}.{rank}", "w").close()
+    time.sleep(3600)
+
+
+def test_sigterm_stops_the_ranks_and_keeps_the_finished_cases(tmp_path):
+    """What `timeout` or a scheduler does to `bench --world-size`: the spawned ranks
+    are killed, the rows they sent survive, the run says how far it got."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from lossreg import ranks
+    from lossreg.planning import Task
+
+    spec = toy_spec()
+    tasks = [Task(spec, spec.implementations["right"], "float64", 7),
+             Task(spec, spec.implementations["hangs"], "float64", 7)]
+    marker = str(tmp_path / "sent")
+
+    def terminate_when_both_sent():
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if all(Path(f"{marker}.{r}").exists() for r in (0, 1)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=terminate_when_both_sent, daemon=True).start()
+    with pytest.raises(ranks.RanksInterrupted) as stop:
+        ranks.spawn(_one_case_then_hang, tasks, {"marker": marker}, 2, "cpu", 300)
+    assert stop.value.signum == signal.SIGTERM
+    assert (stop.value.done, stop.value.total) == (1, 2)
+    assert stop.value.rows == [{"rank": 0, "case": 0}, {"rank": 1, "case": 0}]
+
+
+def test_an_interrupted_distributed_run_writes_what_finished(vocab_rows, tmp_path):
+    import signal
+
+    from lossreg.distributed_runs import _stopped
+    from lossreg.ranks import RanksInterrupted
+    from lossreg.runner import Interrupted
+
+    with pytest.raises(Interrupted) as end:
+        _stopped(RanksInterrupted(vocab_rows[:3], 3, 10, signal.SIGINT), tmp_path)
+    assert (end.value.rows, end.value.done, end.value.total) == (3, 3, 10)
+    assert end.value.signum == signal.SIGINT
+    assert len(lossreg.load_results(end.value.location, strict=True)) == 3
