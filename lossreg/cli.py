@@ -185,7 +185,7 @@ def check(names, device, dtypes, impls, sizes, out, case_timeout, world_size):
         from .distributed_runs import check_command
 
         df = _run(check_command, names, world_size, device, dtypes, impls, sizes, out,
-                  case_timeout)
+                  case_timeout, progress=_progress)
         if df is None:  # a rank other than 0: rank 0 reports
             sys.exit(0)
     else:
@@ -272,7 +272,7 @@ def _bench_distributed(names, world_sizes, device, dtypes, impls, sizes, budget,
         raise Bad("--budget and --rounds plan a single-process bench; with --world-size "
                   "give --sizes (default quick)")
     df = _run(bench_command, names, world_sizes, device, dtypes, impls, sizes, out,
-              case_timeout)
+              case_timeout, progress=_progress)
     if df is None:  # a rank other than 0: rank 0 reports
         sys.exit(0)
     from .api import status_counts

@@ -214,7 +214,7 @@ def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size
                       device: str = "cpu", dtypes: Sequence[str] | None = None,
                       impls: Sequence[str] | None = None, timeout: float = 300.0,
                       sizes: str = "quick", registry: Registry | None = None,
-                      run_id: str | None = None) -> list[dict]:
+                      run_id: str | None = None, progress=None) -> list[dict]:
     """Rows (dicts of the results schema) of the distributed checks of these losses.
 
     Outside torchrun: spawns ``world_size`` gloo ranks on this machine (``device``
@@ -222,7 +222,8 @@ def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size
     environment): this process is one rank of the job (NCCL on ``cuda``, one device
     per ``LOCAL_RANK``), ``world_size`` must be None or the job's; rank 0 returns
     every rank's rows, the others their own. Implementations named ``reference`` or
-    ``compile`` compute on whole tensors and are not run over ranks."""
+    ``compile`` compute on whole tensors and are not run over ranks. ``progress(total)``
+    makes a display told of each case all spawned ranks finished (`progress.Progress`)."""
     if sizes not in ("quick", "default", "large"):
         raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -235,4 +236,10 @@ def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size
     context["timestamp"] = _dt.datetime.now(_dt.timezone.utc)
     if info is not None:
         return ranks.in_job(run_rank, tasks, context, info.rank, device)
-    return ranks.spawned_rows(run_rank, tasks, context, world_size, device, float(timeout))
+    shown = progress(len(tasks)) if progress else None
+    try:
+        return ranks.spawned_rows(run_rank, tasks, context, world_size, device,
+                                  float(timeout), shown=shown)
+    finally:
+        if shown is not None:
+            shown.close()

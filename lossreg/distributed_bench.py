@@ -135,13 +135,14 @@ def bench_distributed(names: Sequence[str], world_sizes: Sequence[int] | None = 
                       device: str = "cpu", dtypes: Sequence[str] | None = None,
                       impls: Sequence[str] | None = None, sizes: str = "quick",
                       case_timeout_s: float | None = None, registry: Registry | None = None,
-                      run_id: str | None = None) -> list[dict]:
+                      run_id: str | None = None, progress=None) -> list[dict]:
     """Throughput rows (results schema, check ``throughput``, mode ``full``) of these
     distributed losses at each world size. Outside torchrun each world size spawns its
     gloo ranks here (device cpu); under torchrun the job's ranks run it (``world_sizes``
     None or the job's), rank 0 returns every row and the others their own.
     ``case_timeout_s``: seconds per case (default `planning.case_timeout`); a world
-    size's ranks are stopped after the sum over its cases."""
+    size's ranks are stopped after the sum over its cases. ``progress(total)``: a
+    display, as for `lossreg.distributed.check_distributed`."""
     if sizes not in ("quick", "default", "large"):
         raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     if case_timeout_s is not None and (isinstance(case_timeout_s, bool) or not isinstance(
@@ -173,17 +174,22 @@ def bench_distributed(names: Sequence[str], world_sizes: Sequence[int] | None = 
         return rows
     rows, plans = [], [plan(specs, device, dtypes, impls, sizes, "bench", _whole(w, impls))
                        for w in worlds]
-    for world, tasks in zip(worlds, plans):
-        limit = sum(case_timeout_s or case_timeout(t, device) for t in tasks)
-        try:
-            rows += ranks.spawned_rows(bench_rank, tasks, context, world, device, limit,
-                                       check="throughput", mode="full")
-        except ranks.RanksInterrupted as stop:  # one run of every world size so far
-            stop.rows = rows + stop.rows
-            stop.done += sum(map(len, plans[:worlds.index(world)]))
-            stop.total = sum(map(len, plans))
-            _speedups(stop.rows)
-            raise
+    shown = progress(sum(map(len, plans))) if progress else None
+    try:
+        for world, tasks in zip(worlds, plans):
+            limit = sum(case_timeout_s or case_timeout(t, device) for t in tasks)
+            try:
+                rows += ranks.spawned_rows(bench_rank, tasks, context, world, device, limit,
+                                           check="throughput", mode="full", shown=shown)
+            except ranks.RanksInterrupted as stop:  # one run of every world size so far
+                stop.rows = rows + stop.rows
+                stop.done += sum(map(len, plans[:worlds.index(world)]))
+                stop.total = sum(map(len, plans))
+                _speedups(stop.rows)
+                raise
+    finally:
+        if shown is not None:
+            shown.close()
     _speedups(rows)
     return rows
 

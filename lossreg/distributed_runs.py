@@ -43,7 +43,8 @@ def _device(device: str) -> str:
     return "cpu" if device == "auto" and current() is None else device
 
 
-def check_command(names, world_size, device, dtypes, impls, sizes, out, case_timeout):
+def check_command(names, world_size, device, dtypes, impls, sizes, out, case_timeout,
+                  progress=None):
     """Every rank's forward and gradient shards against the float64 reference's slices
     (`lossreg.distributed.check_distributed`)."""
     from .distributed import check_distributed
@@ -54,14 +55,15 @@ def check_command(names, world_size, device, dtypes, impls, sizes, out, case_tim
     try:
         rows = check_distributed(_names(names), world_size, device=_device(device),
                                  dtypes=dtypes or None, impls=impls or None, sizes=sizes,
-                                 timeout=case_timeout or 300.0)
+                                 timeout=case_timeout or 300.0, progress=progress)
     except RanksInterrupted as stop:
         _stopped(stop, out)
     info = current()
     return None if info is not None and info.rank != 0 else _written(rows, out)
 
 
-def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_timeout):
+def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_timeout,
+                  progress=None):
     """Per-rank time, peak memory and bytes communicated per step at each world size
     (`lossreg.distributed_bench.bench_distributed`)."""
     from .distributed_bench import bench_distributed
@@ -73,7 +75,7 @@ def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_ti
         rows = bench_distributed(_names(names), list(world_sizes) or None,
                                  device=_device(device), dtypes=dtypes or None,
                                  impls=impls or None, sizes=sizes or "quick",
-                                 case_timeout_s=case_timeout or None)
+                                 case_timeout_s=case_timeout or None, progress=progress)
     except RanksInterrupted as stop:
         _stopped(stop, out)
     info = current()

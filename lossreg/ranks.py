@@ -96,11 +96,43 @@ def missing_rows(tasks: list[Task], context: dict, got: dict, world: int, why: d
     return rows
 
 
+class _Watch:
+    """Tells a progress display (`lossreg.progress.Progress`) each case that every rank
+    has finished, from the ranks' results files (re-read only when one grew)."""
+
+    def __init__(self, shown, tasks: list[Task], results: list[str], world: int):
+        self.shown, self.tasks, self.results, self.world = shown, tasks, results, world
+        self.sizes, self.done = [0] * world, 0
+        if shown is not None and tasks:
+            shown.case_started(self._name(0))
+
+    def _name(self, i: int) -> str:
+        t = self.tasks[i]
+        return f"{t.spec.name} {t.impl.name} {t.dtype} {t.spec.x_name}={t.n} x{self.world} ranks"
+
+    def poll(self) -> None:
+        sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self.results]
+        if self.shown is None or sizes == self.sizes:
+            return
+        self.sizes = sizes
+        got = {(r, i): rows for r in range(self.world) for i, rows in _read(self.results[r])}
+        while self.done < len(self.tasks) and all((r, self.done) in got
+                                                  for r in range(self.world)):
+            statuses = {row.get("status") for r in range(self.world)
+                        for row in got[(r, self.done)]}
+            self.shown.case_done(self._name(self.done), next(
+                (s for s in ("error", "fail", "ok") if s in statuses), "skipped"))
+            self.done += 1
+            if self.done < len(self.tasks):
+                self.shown.case_started(self._name(self.done))
+
+
 def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
-          timeout: float) -> tuple[dict, dict]:
+          timeout: float, shown=None) -> tuple[dict, dict]:
     """Run ``work`` on ``world`` gloo ranks spawned here. Returns ``({(rank, i): rows},
     {rank: why it stopped early})``; ``timeout`` bounds the whole run. Ctrl-C or
-    SIGTERM stops the ranks and raises `RanksInterrupted` with the finished rows."""
+    SIGTERM stops the ranks and raises `RanksInterrupted` with the finished rows.
+    ``shown``: a progress display told of each case every rank has finished."""
     import cloudpickle
 
     host = "127.0.0.1"
@@ -120,6 +152,7 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
     deadline = time.monotonic() + timeout
     why: dict[int, str] = {}
     stopped_by = None
+    watch = _Watch(shown, tasks, results, world)
     previous = stopping.on_sigterm()
     try:
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
@@ -130,7 +163,9 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
                         why[r] = (f"was stopped: rank {dead[0]} "
                                   f"{describe_exit(procs[dead[0]].returncode)}")
                 break
+            watch.poll()
             time.sleep(0.2)
+        watch.poll()
     except KeyboardInterrupt as exc:  # the ranks go with this run, what they wrote stays
         stopped_by = getattr(exc, "signum", signal.SIGINT)
     finally:
@@ -177,8 +212,9 @@ def in_job(work: Work, tasks: list[Task], context: dict, rank: int, device: str)
 
 
 def spawned_rows(work: Work, tasks: list[Task], context: dict, world: int, device: str,
-                 timeout: float, check: str = "correctness", mode: str = "forward"):
+                 timeout: float, check: str = "correctness", mode: str = "forward",
+                 shown=None):
     """`spawn`, then every row in (case, rank) order plus the missing ones."""
-    got, why = spawn(work, tasks, context, world, device, timeout)
+    got, why = spawn(work, tasks, context, world, device, timeout, shown)
     rows = [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
     return rows + missing_rows(tasks, context, got, world, why, check, mode)

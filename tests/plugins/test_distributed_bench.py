@@ -161,3 +161,30 @@ def test_an_interrupted_distributed_run_writes_what_finished(vocab_rows, tmp_pat
     assert (end.value.rows, end.value.done, end.value.total) == (3, 3, 10)
     assert end.value.signum == signal.SIGINT
     assert len(lossreg.load_results(end.value.location, strict=True)) == 3
+
+
+class _Shown:
+    def __init__(self, total):
+        self.total, self.events = total, []
+
+    def case_started(self, name):
+        self.events.append(("started", name))
+
+    def case_done(self, name, status):
+        self.events.append((status, name))
+
+    def close(self):
+        self.events.append(("closed", None))
+
+
+def test_progress_hears_of_each_case_once_every_rank_finished_it():
+    from lossreg.distributed import check_distributed
+
+    made = []
+    check_distributed([toy_spec()], 2, dtypes=["float64"], impls=["right", "local_only"],
+                      progress=lambda total: made.append(_Shown(total)) or made[-1])
+    (shown,) = made
+    done = [(s, n) for s, n in shown.events if s not in ("started", "closed")]
+    assert shown.total == 2 and shown.events[-1] == ("closed", None)
+    assert [s for s, _ in done] == ["ok", "fail"], shown.events
+    assert all("x2 ranks" in n for _, n in done) and "right" in done[0][1]
