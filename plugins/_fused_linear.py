@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from lossreg.validate import check_float, check_reduction, check_tensor
 
+from ._common import acc_dtype
+
 #: Bytes of logits one chunk may hold (LOSSREG_CHUNK_BYTES overrides); at least one unit.
 CHUNK_BYTES = int(os.environ.get("LOSSREG_CHUNK_BYTES", 64 << 20))
 
@@ -52,10 +54,6 @@ class Head:
     unit_loss: Callable[..., torch.Tensor]
     divisor: Callable[..., Any]
     uses_reference_model: bool = False
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- validation

@@ -34,6 +34,7 @@ from lossreg.validate import (check_choice, check_float, check_mask, check_numbe
                               check_reduction, check_shape, check_tensor)
 
 from . import _fused_linear as fl
+from ._common import acc_dtype
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 OPTIONS = {"group_size": 4, "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2,
@@ -166,7 +167,7 @@ def grpo_torch(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, grou
                  max_completion_length, num_tokens, scale_rewards)
     _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
     dtype = log_probs.dtype
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = acc_dtype(dtype)
     keep = mask != 0
     lp = log_probs.to(wide).masked_fill(~keep, 0.0)
     old = old_log_probs.detach().to(wide).masked_fill(~keep, 0.0)
@@ -191,7 +192,7 @@ def grpo_triton(log_probs, old_log_probs, rewards, mask, ref_log_probs=None, gro
     o = _options(group_size, beta, epsilon_low, epsilon_high, loss_type,
                  max_completion_length, num_tokens, scale_rewards)
     _validate(log_probs, old_log_probs, ref_log_probs, rewards, mask, o, reduction)
-    wide = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    wide = acc_dtype(log_probs.dtype)
     adv = advantages(rewards.to(wide), group_size, scale_rewards)
     div = divisor(mask != 0, o) if reduction == "mean" else 1
     return grpo_kernel.GRPO(log_probs, old_log_probs, ref_log_probs if beta else None, adv,

@@ -100,8 +100,7 @@ def nll_triton(input, target, weight=None, ignore_index=-100, reduction="mean"):
     label = torch.where(kept, target, torch.full_like(target, C))
     if reduction != "mean":
         return _nll_kernel(input, label, reduction, weight=w)
-    total = w[label].sum(dtype=torch.float64 if input.dtype == torch.float64 else
-                         torch.float32)
+    total = w[label].sum(dtype=acc_dtype(input.dtype))
     defined = total != 0
     summed = _nll_kernel(input, label, "sum", weight=w)
     scale = torch.where(defined, 1.0 / torch.where(defined, total, torch.ones_like(total)),

@@ -10,6 +10,8 @@ from lossreg.kernels.traffic import streamed
 from lossreg.kernels.softmax import cross_entropy as _ce_kernel
 from lossreg.validate import check_reduction
 
+from ._common import acc_dtype as _wide
+
 CITATION_CE = "Shannon (1948); torch.nn.functional.cross_entropy; z-loss: Chowdhery et al. (2022)"
 
 
@@ -147,10 +149,6 @@ def ce_reference(input, target, weight=None, ignore_index=-100, label_smoothing=
     out = _reduce_rows(loss, reduction, w_y.sum()).to(out_dtype)
     return with_extras(out, lse, keep, w_y.sum(), z_loss, reduction, return_z_loss,
                        return_lse)
-
-
-def _wide(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def ce_torch(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,

@@ -24,13 +24,13 @@ from lossreg.validate import (
     check_shape,
 )
 
-from ._common import pointwise_flops, reduce_loss, reductions
+from ._common import acc_dtype, pointwise_flops, reduce_loss, reductions
 from .preference_kto import kto_spec, kto_torch, kto_triton
 from .rl import PAIR_SIZES
 
 
 def _wide(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return acc_dtype(t.dtype)
 
 
 # ---------------------------------------------------------------- pairwise validation

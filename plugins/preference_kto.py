@@ -18,12 +18,12 @@ from lossreg.validate import (
     check_tensor,
 )
 
-from ._common import pointwise_flops, reduce_loss, reductions
+from ._common import acc_dtype, pointwise_flops, reduce_loss, reductions
 from .rl import PAIR_SIZES
 
 
 def _wide(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return acc_dtype(t.dtype)
 
 def _validate_kto(pol, ref, desirable, pkl, rkl, beta, wd, wu, reduction):
     check_float("kto", policy_logps=pol, reference_logps=ref)

@@ -32,7 +32,7 @@ from lossreg.validate import (
     check_tensor,
 )
 
-from ._common import pointwise_flops, reduce_loss, reductions
+from ._common import acc_dtype, pointwise_flops, reduce_loss, reductions
 from lossreg.validate import check_device, check_float, check_index, check_mask, check_shape
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -182,7 +182,7 @@ def dpo_torch(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     _validate_dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                   reference_rejected_logps, beta, label_smoothing, loss_type, reduction)
     dtype = policy_chosen_logps.dtype
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = acc_dtype(dtype)
     h = ((policy_chosen_logps.to(wide) - policy_rejected_logps.to(wide))
          - (reference_chosen_logps.to(wide) - reference_rejected_logps.to(wide)).detach())
     if loss_type == "sigmoid":
@@ -245,7 +245,7 @@ def dpo_triton(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     constant, is formed first (one small elementwise op)."""
     _validate_dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                   reference_rejected_logps, beta, label_smoothing, loss_type, reduction)
-    acc = torch.float64 if policy_chosen_logps.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(policy_chosen_logps.dtype)
     ref_ratio = (reference_chosen_logps.detach().to(acc)
                  - reference_rejected_logps.detach().to(acc))
     return _DPO_KERNELS[loss_type](policy_chosen_logps, policy_rejected_logps, reduction,

@@ -49,6 +49,17 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
         return fn if fn is not None else (lambda f: f)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every template's accumulator: float64 stays float64, any other dtype float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype, wide: bool = False):
+    """`acc_dtype` as the Triton type a kernel's ``ACC`` constexpr takes (``wide``:
+    float64 whatever the input)."""
+    return tl.float64 if wide or dtype == torch.float64 else tl.float32
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on CPU tensors under the interpreter."""
     return HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

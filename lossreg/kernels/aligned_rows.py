@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, acc_dtype, tl_acc
 from ._guard import quiet
 from .pointwise import RBLOCK, launch_counter, scale_grid
 
@@ -120,10 +120,6 @@ SCALE_BLOCK = 4096
 _ITEMSIZE = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def blocks(D: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D) for rows of width D."""
     block_d = max(triton.next_power_of_2(D), 16)
@@ -165,7 +161,7 @@ class _AlignedFunction(torch.autograd.Function):
         block_m, block_d = blocks(D)
         grid = (triton.cdiv(N, block_m),)
         flags = {"TERM": inst.term, "HAS_C": c is not None, "HAS_Y": y is not None,
-                 "ACC": _acc(a.dtype), "BLOCK_M": block_m, "BLOCK_D": block_d,
+                 "ACC": tl_acc(a.dtype), "BLOCK_M": block_m, "BLOCK_D": block_d,
                  **launch_options(block_m, block_d, a.element_size())}
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, p
         cc = a if c is None else c
@@ -183,7 +179,7 @@ class _AlignedFunction(torch.autograd.Function):
         grads = [torch.empty_like(t) if (t is not None and nd) else None
                  for t, nd in zip((a, b, c), need)]
         denom = N if (reduction == "mean" and N) else 1
-        part_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        part_dtype = acc_dtype(a.dtype)
         partial = torch.empty(max(grid[0], 1), dtype=part_dtype, device=a.device)
         if N:
             targets = [g if g is not None else t for g, t in zip(grads, (a, b, cc))]
@@ -225,7 +221,7 @@ class _AlignedFunction(torch.autograd.Function):
                 for t in grads:
                     if t is not None and t.numel():
                         _scale_unless_one[(scale_grid(t.device, triton.cdiv(
-                            t.numel(), SCALE_BLOCK)),)](t, g1, t.numel(), ACC=_acc(t.dtype),
+                            t.numel(), SCALE_BLOCK)),)](t, g1, t.numel(), ACC=tl_acc(t.dtype),
                                                        BLOCK=SCALE_BLOCK, num_warps=8)
         return grads[0], grads[1], grads[2], None, None, None, None
 

@@ -22,7 +22,8 @@ import math
 import torch
 
 from . import HAVE_TRITON, TEMPLATE_INSTANCES
-from .softmax import BLOCK_MAX, NUM_WARPS, _block, acc_dtype, scalars
+from . import acc_dtype, tl_acc
+from .softmax import BLOCK_MAX, NUM_WARPS, _block, scalars
 
 MODES = {"forward": 0, "reverse": 1, "jsd": 2, "tvd": 3}
 
@@ -31,7 +32,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .pointwise import _scale_unless_one
-    from .softmax import lse_update, tl_acc
+    from .softmax import lse_update
 
     @triton.jit
     def _div_terms(s, t, m_s, r_s, m_t, r_t, inv_temp, log_beta, log_1mb, beta,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded, acc_dtype, tl_acc
 
 if HAVE_TRITON:
     import triton
@@ -97,10 +97,6 @@ MAX_BLOCK_T = 1024
 NUM_WARPS = 4
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def blocks(T: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_T) for sequences of T tokens."""
     block_t = min(max(triton.next_power_of_2(max(T, 1)), 16), MAX_BLOCK_T)
@@ -109,7 +105,7 @@ def blocks(T: int) -> tuple[int, int]:
 
 def _flags(x, has_ref, per_seq_mean):
     block_m, block_t = blocks(x.shape[1])
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    acc = tl_acc(x.dtype)
     return {"HAS_REF": has_ref, "PER_SEQ_MEAN": per_seq_mean, "ACC": acc,
             "BLOCK_M": block_m, "BLOCK_T": block_t, "num_warps": NUM_WARPS}
 
@@ -132,7 +128,7 @@ class _GRPOFunction(torch.autograd.Function):
             ctx.save_for_backward(lp, old, refp, adv, mask, par, div)
             return out
         need_dx = ctx.needs_input_grad[0]
-        partial = torch.empty(max(grid[0], 1), dtype=_acc_dtype(lp.dtype), device=lp.device)
+        partial = torch.empty(max(grid[0], 1), dtype=acc_dtype(lp.dtype), device=lp.device)
         dx = torch.empty_like(lp)
         if N:
             _grpo_kernel[grid](lp, old, refp, adv, mask, adv, par, div, partial, dx, N, T,
@@ -156,7 +152,7 @@ class _GRPOFunction(torch.autograd.Function):
             (dx,) = ctx.saved_tensors
             if dx is not None and dx.numel():
                 flat = dx.view(-1)
-                acc = tl.float64 if dx.dtype == torch.float64 else tl.float32
+                acc = tl_acc(dx.dtype)
                 _scale_unless_one[(scale_grid(dx.device, triton.cdiv(flat.numel(), TILE)),)](
                     flat, grad_out.reshape(1).contiguous(), flat.numel(), ACC=acc,
                     BLOCK=TILE, num_warps=NUM_WARPS)
@@ -178,7 +174,7 @@ class GRPOKernel:
         one-element tensor); ``low``/``high`` the clip bounds of the ratio."""
         if not HAVE_TRITON:
             raise ImportError("grpo: triton is not installed")
-        acc = _acc_dtype(log_probs.dtype)
+        acc = acc_dtype(log_probs.dtype)
         dev = log_probs.device
         par = torch.tensor([beta, low, high], dtype=acc, device=dev)
         div = (div.reshape(1).to(acc) if torch.is_tensor(div)

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, tl_acc
 from ._guard import guarded_call
 
 if HAVE_TRITON:
@@ -119,10 +119,6 @@ BWD_BLOCK = 1024
 NUM_WARPS = 4
 
 
-def _acc(dtype: torch.dtype, acc64: bool = False):
-    return tl.float64 if (acc64 or dtype == torch.float64) else tl.float32
-
-
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -168,7 +164,7 @@ class HistogramLoss:
                            device=s.device)
         guarded_call(_histogram_fwd[(T, n_chunks)],
                      s, y, aux, part, n, n_bins, self.n_stats, chunk, n_chunks,
-                     STATS=self.stats, BINNED=self.binned, ACC=_acc(s.dtype, self.acc64),
+                     STATS=self.stats, BINNED=self.binned, ACC=tl_acc(s.dtype, self.acc64),
                      BLOCK_N=block_n,
                      BLOCK_B=block_b, BLOCK_K=block_k, num_warps=NUM_WARPS)
         return part.sum(dim=1, dtype=torch.float64)
@@ -183,7 +179,7 @@ class HistogramLoss:
         g = grad_h.to(torch.float64 if wide else torch.float32).contiguous()
         guarded_call(_histogram_bwd[(T, triton.cdiv(n, BWD_BLOCK))],
                      s, y, aux, g, ds, n, n_bins, self.n_stats, STATS=self.stats,
-                     BINNED=self.binned, ACC=_acc(s.dtype, self.acc64), BLOCK_N=BWD_BLOCK,
+                     BINNED=self.binned, ACC=tl_acc(s.dtype, self.acc64), BLOCK_N=BWD_BLOCK,
                      BLOCK_K=_pow2(self.n_stats), num_warps=NUM_WARPS)
         return ds
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded, acc_dtype, tl_acc
 
 if HAVE_TRITON:
     import triton
@@ -134,10 +134,6 @@ NUM_WARPS = 4
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def blocks(T: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_T) for sequences of T tokens."""
     block_t = min(max(triton.next_power_of_2(max(T, 1)), 16), MAX_BLOCK_T)
@@ -158,13 +154,13 @@ class _TokensFunction(torch.autograd.Function):
         N, T = x.shape
         block_m, block_t = blocks(T)
         grid = (triton.cdiv(N, block_m),)
-        flags = {"TERM": inst.term, "Z_PER_ROW": z.dim() == 1, "ACC": _acc(x.dtype),
+        flags = {"TERM": inst.term, "Z_PER_ROW": z.dim() == 1, "ACC": tl_acc(x.dtype),
                  "BLOCK_M": block_m, "BLOCK_T": block_t, "num_warps": NUM_WARPS}
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, (p0, p1)
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_t = acc_dtype(x.dtype)
         if reduction == "none":
             out = torch.empty(N, dtype=x.dtype, device=x.device)
-            count = torch.empty(N, dtype=acc_dtype, device=x.device)
+            count = torch.empty(N, dtype=acc_t, device=x.device)
             if N:
                 _tokens_fwd[grid](x, y, z, m, out, count, x, N, T, 1, p0, p1, REDUCE=False,
                                   WRITE_DX=False, **flags)
@@ -172,7 +168,7 @@ class _TokensFunction(torch.autograd.Function):
             return out
         need_dx = ctx.needs_input_grad[0]
         denom = N if (reduction == "mean" and N) else 1
-        partial = torch.empty(max(grid[0], 1), dtype=acc_dtype, device=x.device)
+        partial = torch.empty(max(grid[0], 1), dtype=acc_t, device=x.device)
         dx = torch.empty_like(x) if need_dx else None
         if N:
             _tokens_fwd[grid](x, y, z, m, partial, partial, x if dx is None else dx, N, T,
@@ -202,7 +198,7 @@ class _TokensFunction(torch.autograd.Function):
                 flat = dx.view(-1)
                 _scale_unless_one[(triton.cdiv(flat.numel(), TILE),)](
                     flat, grad_out.reshape(1).contiguous(), flat.numel(),
-                    ACC=_acc(dx.dtype), BLOCK=TILE, num_warps=NUM_WARPS)
+                    ACC=tl_acc(dx.dtype), BLOCK=TILE, num_warps=NUM_WARPS)
         return dx, None, None, None, None, None, None, None
 
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, acc_dtype, tl_acc
 from ._guard import guarded_call
 
 REDUCTIONS = {"sum": 0, "max": 1, "min": 2, "logsumexp": 3}
@@ -189,10 +189,6 @@ NUM_WARPS = 8
 NUM_STAGES = 1
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 class PairwiseReduction:
     """Per-row reductions over all (row, column) pairs, built from a ``pair`` function
     (see the module docstring). ``reductions``: one or two of ``sum``, ``max``, ``min``,
@@ -238,15 +234,15 @@ class PairwiseReduction:
             lr = lc = torch.zeros(1, dtype=torch.int64, device=x.device)
         x, y = x.detach().contiguous(), y.detach().contiguous()
         M, N, D = x.shape[0], y.shape[0], x.shape[1]
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        outs = [(torch.empty(M, dtype=acc_dtype, device=x.device),
+        acc_t = acc_dtype(x.dtype)
+        outs = [(torch.empty(M, dtype=acc_t, device=x.device),
                  torch.empty(M, dtype=torch.int64, device=x.device)) for _ in range(2)]
         if M:
             guarded_call(
                 _pairwise_reduce[(triton.cdiv(M, BLOCK_M),)],
                 x, y, lr, lc, outs[0][0], outs[0][1], outs[1][0], outs[1][1], M, N, D,
                 float(p0), float(p1), PAIR=self.pair, RED0=self.codes[0],
-                RED1=self.codes[1], HAS_LABELS=self.labels, ACC=_acc(x.dtype),
+                RED1=self.codes[1], HAS_LABELS=self.labels, ACC=tl_acc(x.dtype),
                 IEEE=x.dtype in (torch.float32, torch.float64), BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         return outs[:len(self.reductions)]

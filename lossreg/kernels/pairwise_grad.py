@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, acc_dtype, tl_acc
 from ._guard import guarded_call
 from .tuning import max_registers
 
@@ -237,15 +237,15 @@ class PairwiseWeightedSum:
         if len(params) > 4:
             raise ValueError(f"{self.name}: at most four params, got {len(params)}")
         M, N, D = x.shape[0], y.shape[0], x.shape[1]
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_t = acc_dtype(x.dtype)
         if self.row_stats:
             if row_stats is None or tuple(row_stats.shape) != (M, self.row_stats):
                 got = None if row_stats is None else tuple(row_stats.shape)
                 raise ValueError(f"{self.name}: expected row_stats of shape "
                                  f"({M}, {self.row_stats}), got {got}")
-            stats = row_stats.detach().to(acc_dtype).contiguous()
+            stats = row_stats.detach().to(acc_t).contiguous()
         else:
-            stats = torch.zeros(1, dtype=acc_dtype, device=x.device)
+            stats = torch.zeros(1, dtype=acc_t, device=x.device)
         if self.labels:
             col_labels = row_labels if col_labels is None else col_labels
             if row_labels is None or row_labels.shape != x.shape[:1] or (
@@ -258,9 +258,9 @@ class PairwiseWeightedSum:
         x, y = x.detach().contiguous(), y.detach().contiguous()
         cols = side == "cols"
         own = N if cols else M
-        vec = torch.empty((own, D) if self.vec else (1,), dtype=acc_dtype, device=x.device)
-        s0 = torch.empty(own, dtype=acc_dtype, device=x.device)
-        s1 = torch.empty(own, dtype=acc_dtype, device=x.device)
+        vec = torch.empty((own, D) if self.vec else (1,), dtype=acc_t, device=x.device)
+        s0 = torch.empty(own, dtype=acc_t, device=x.device)
+        s1 = torch.empty(own, dtype=acc_t, device=x.device)
         if own:  # (with no pairs to walk, the sums come out 0)
             p = [float(v) for v in params] + [0.0] * (4 - len(params))
             full = x.dtype in (torch.float32, torch.float64)
@@ -270,7 +270,7 @@ class PairwiseWeightedSum:
             guarded_call(
                 _pairwise_weighted[grid], x, y, lr, lc, stats, vec, s0, s1, M, N, D, *p,
                 WEIGHT=self.weight, COLS=cols, NR=self.row_stats, HAS_VEC=self.vec,
-                HAS_LABELS=self.labels, ACC=_acc(x.dtype), IEEE=full,
+                HAS_LABELS=self.labels, ACC=tl_acc(x.dtype), IEEE=full,
                 num_stages=NUM_STAGES, maxnreg=max_registers(cfg["num_warps"]), **cfg)
         return (vec if self.vec else None), s0, s1
 
@@ -295,10 +295,6 @@ class PairwiseWeightedSum:
                          # float32 FMA tiles took 186-212 registers uncapped (1 block/SM)
                          "maxnreg": max_registers(warps)}))
         return out
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def pairwise_weighted_sum(weight, name: str | None = None, *,

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded, acc_dtype, tl_acc
 from .libm import exp as _accurate_exp
 from .tuning import launch_options
 
@@ -215,10 +215,6 @@ def scale_grid(device: torch.device, blocks: int) -> int:
     return max(1, min(blocks, _SCALE_GRID[key]))
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def periodic_operand(t: torch.Tensor | None, shape: torch.Size, n: int):
     """A flat tensor for an operand broadcast to ``shape`` and its period: element ``i``
     of the full tensor is ``flat[i % period]``. Returns (None, 1) for no operand."""
@@ -252,7 +248,7 @@ class _PointwiseFunction(torch.autograd.Function):
         wf, w_period = periodic_operand(w, shape, n)
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grid = (triton.cdiv(n, BLOCK),)
-        acc = _acc_dtype(x.dtype)
+        acc = tl_acc(x.dtype)
         flags = _launch_flags(inst, zf, z_period, wf, w_period, n)
         params = (*split_param(p0), *split_param(p1))
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, params
@@ -272,7 +268,7 @@ class _PointwiseFunction(torch.autograd.Function):
             ctx.save_for_backward(xf, yf, zf, wf)
             return out.view(shape)
         denom = n if (reduction == "mean" and n) else 1
-        part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        part_dtype = acc_dtype(x.dtype)
         partial = torch.empty(max(grid[0], 1), dtype=part_dtype, device=x.device)
         dx = torch.empty_like(xf) if need_dx else None
         dy = torch.empty_like(yf) if need_dy else None
@@ -304,7 +300,7 @@ class _PointwiseFunction(torch.autograd.Function):
                     xf, yf, xf if zf is None else zf, xf if wf is None else wf, g,
                     xf if dx is None else dx, yf if dy is None else dy, n, *ctx.periods,
                     *ctx.p, **ctx.flags, WRITE_DX=need_dx, WRITE_DY=need_dy,
-                    ACC=_acc_dtype(xf.dtype), BLOCK=BLOCK, **launch_options(ctx.num_warps),
+                    ACC=tl_acc(xf.dtype), BLOCK=BLOCK, **launch_options(ctx.num_warps),
                 )
         else:
             # The gradient was computed in the forward for an incoming gradient of 1.
@@ -313,7 +309,7 @@ class _PointwiseFunction(torch.autograd.Function):
             for t in (dx, dy):
                 if t is not None and t.numel():
                     _scale_unless_one[(scale_grid(t.device, triton.cdiv(t.numel(), BLOCK)),)](
-                        t, g, t.numel(), ACC=_acc_dtype(t.dtype), BLOCK=BLOCK,
+                        t, g, t.numel(), ACC=tl_acc(t.dtype), BLOCK=BLOCK,
                         num_warps=NUM_WARPS)
         dx = None if dx is None else dx.view(ctx.shape)
         dy = None if dy is None else dy.view(ctx.shape)

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded, acc_dtype, tl_acc
 from .libm import exp as _accurate_exp
 
 if HAVE_TRITON:
@@ -112,10 +112,6 @@ MAX_C = 8192
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def blocks(C: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C) for rows of C classes."""
     block_c = max(triton.next_power_of_2(C), 2)
@@ -136,7 +132,7 @@ class _RowwiseFunction(torch.autograd.Function):
         block_m, block_c = blocks(C)
         grid = (triton.cdiv(n_rows, block_m),)
         flags = dict(TERM=inst.term, HAS_W=weight is not None, EXP_FORM=inst.exp_form,
-                     ACC=_acc_dtype(s.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
+                     ACC=tl_acc(s.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
                      num_warps=num_warps(block_c))
         ctx.reduction, ctx.flags, ctx.p = reduction, flags, (p0, p1)
         w = s if weight is None else weight.contiguous()
@@ -149,7 +145,7 @@ class _RowwiseFunction(torch.autograd.Function):
             return out
         need_ds = ctx.needs_input_grad[0]
         denom = n_rows if (reduction == "mean" and n_rows) else 1
-        part_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+        part_dtype = acc_dtype(s.dtype)
         partial = torch.empty(max(grid[0], 1), dtype=part_dtype, device=s.device)
         ds = torch.empty_like(s) if need_ds else None
         if n_rows:
@@ -180,7 +176,7 @@ class _RowwiseFunction(torch.autograd.Function):
                 flat = ds.view(-1)
                 _scale_unless_one[(triton.cdiv(flat.numel(), TILE),)](
                     flat, grad_out.reshape(1).contiguous(), flat.numel(),
-                    ACC=_acc_dtype(ds.dtype), BLOCK=TILE, num_warps=8)
+                    ACC=tl_acc(ds.dtype), BLOCK=TILE, num_warps=8)
         return ds, None, None, None, None, None, None
 
 

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, acc_dtype, tl_acc
 
 if HAVE_TRITON:
     import triton
@@ -174,16 +174,6 @@ def _parts(n_rows: int, n_cls: int, block: int) -> int:
     if n_rows >= TARGET_PROGRAMS:
         return 1
     return max(1, min(math.ceil(n_cls / (4 * block)), math.ceil(TARGET_PROGRAMS / max(n_rows, 1))))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulator dtype of the softmax-family kernels: float64 stays float64,
-    every other input dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def scalars(device, dtype: torch.dtype, *values: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded
+from . import HAVE_TRITON, TEMPLATE_INSTANCES, guarded, acc_dtype, tl_acc
 from .pointwise import split_param
 
 if HAVE_TRITON:
@@ -117,10 +117,6 @@ NUM_WARPS = 8
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def blocks(n_act: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_A) for rows of n_act actions."""
     block_a = min(max(triton.next_power_of_2(max(n_act, 1)), 2), MAX_BLOCK_A)
@@ -136,14 +132,14 @@ class _TDFunction(torch.autograd.Function):
         N, n_act = q.shape
         block_m, block_a = blocks(n_act)
         grid = (triton.cdiv(N, block_m),)
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        flags = {"TERM": inst.term, "ACC": _acc(q.dtype), "BLOCK_M": block_m,
+        acc_t = acc_dtype(q.dtype)
+        flags = {"TERM": inst.term, "ACC": tl_acc(q.dtype), "BLOCK_M": block_m,
                  "BLOCK_A": block_a, "num_warps": NUM_WARPS}
         ctx.reduction, ctx.flags, ctx.shape = reduction, flags, (N, n_act)
         params = (*split_param(gamma), *split_param(p0), *split_param(p1))
         if reduction == "none":
             out = torch.empty(N, dtype=q.dtype, device=q.device)
-            dl = torch.empty(N, dtype=acc_dtype, device=q.device)
+            dl = torch.empty(N, dtype=acc_t, device=q.device)
             if N:
                 _td_fwd[grid](q, actions, rewards, dones, target_q, out, q, dl, N, n_act, 1,
                               *params, REDUCE=False, WRITE_DQ=False, **flags)
@@ -152,7 +148,7 @@ class _TDFunction(torch.autograd.Function):
             return out
         need_dq = ctx.needs_input_grad[0]
         denom = N if (reduction == "mean" and N) else 1
-        partial = torch.empty(max(grid[0], 1), dtype=acc_dtype, device=q.device)
+        partial = torch.empty(max(grid[0], 1), dtype=acc_t, device=q.device)
         dq = torch.empty_like(q) if need_dq else None
         if N:
             _td_fwd[grid](q, actions, rewards, dones, target_q, partial,
@@ -182,7 +178,7 @@ class _TDFunction(torch.autograd.Function):
                 flat = dq.view(-1)
                 _scale_unless_one[(triton.cdiv(flat.numel(), TILE),)](
                     flat, grad_out.reshape(1).contiguous(), flat.numel(),
-                    ACC=_acc(dq.dtype), BLOCK=TILE, num_warps=NUM_WARPS)
+                    ACC=tl_acc(dq.dtype), BLOCK=TILE, num_warps=NUM_WARPS)
         return dq, None, None, None, None, None, None, None, None, None
 
 

@@ -19,13 +19,11 @@ import torch
 from lossreg.collectives import active_group, all_gather, all_reduce_, rank_and_size
 from lossreg.validate import check_reduction
 
+from .._common import acc_dtype as stat_dtype
+
 LOSS = "vocab_parallel_cross_entropy"
 #: rows per chunk of the fused forward/backward (temporaries are chunk x V_r floats)
 CHUNK_ELEMS = 1 << 22
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def validate(loss, logits, target, ignore_index, label_smoothing, z_loss, reduction,

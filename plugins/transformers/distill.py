@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lossreg.kernels.softmax import acc_dtype
+from lossreg.kernels import acc_dtype
 from lossreg.validate import check_reduction
 
 from .linear_ce import chunk_rows

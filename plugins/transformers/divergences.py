@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lossreg.kernels.softmax import acc_dtype
+from lossreg.kernels import acc_dtype
 from lossreg.validate import check_reduction
 
 from .distill import divergence_rows

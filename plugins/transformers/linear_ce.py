@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from lossreg.kernels.softmax import acc_dtype
+from lossreg.kernels import acc_dtype
 from lossreg_plugins.neural_networks import (
     ce_reference,
     ce_torch,
