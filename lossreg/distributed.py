@@ -16,7 +16,6 @@ hangs past ``timeout`` leaves ``error`` rows for the cases it did not finish.
 
 from __future__ import annotations
 
-import datetime as _dt
 from typing import Any, Sequence
 
 import torch
@@ -53,6 +52,8 @@ def plan(specs: list[LossSpec], device: str, dtypes, impls, sizes: str,
     """The cases of a distributed run, in the same order on every rank. Implementations
     that only compute on whole tensors run where named in ``single_process``, whatever
     ``impls`` says (a benchmark's single-device baseline)."""
+    if sizes not in ("quick", "default", "large"):
+        raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     dtypes = list(dtypes) if dtypes else default_dtypes(device, command)
     for d in dtypes:
         if d not in DTYPES:
@@ -210,6 +211,12 @@ def placement(world_size, device: str):
     return None, device
 
 
+def context_for(device: str, run_id: str | None) -> dict:
+    """The columns every row of a distributed run shares (this rank's device)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    return run_context(device.split(":")[0], name, run_id)
+
+
 def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size: int | None,
                       device: str = "cpu", dtypes: Sequence[str] | None = None,
                       impls: Sequence[str] | None = None, timeout: float = 300.0,
@@ -224,16 +231,12 @@ def check_distributed(specs_or_names: Sequence[Any] | str | LossSpec, world_size
     every rank's rows, the others their own. Implementations named ``reference`` or
     ``compile`` compute on whole tensors and are not run over ranks. ``progress(total)``
     makes a display told of each case all spawned ranks finished (`progress.Progress`)."""
-    if sizes not in ("quick", "default", "large"):
-        raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise HarnessError(f"timeout must be a positive number of seconds, got {timeout!r}")
     info, device = placement(world_size, device)
     specs = specs_of(specs_or_names, registry)
     tasks = plan(specs, device, dtypes, impls, sizes)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    context = run_context(device.split(":")[0], name, run_id)
-    context["timestamp"] = _dt.datetime.now(_dt.timezone.utc)
+    context = context_for(device, run_id)
     if info is not None:
         return ranks.in_job(run_rank, tasks, context, info.rank, device)
     shown = progress(len(tasks)) if progress else None

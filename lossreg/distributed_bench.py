@@ -15,7 +15,6 @@ time is that rank's step while all ranks step together.
 
 from __future__ import annotations
 
-import datetime as _dt
 import time
 from typing import Sequence
 
@@ -23,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from . import collectives, measure, ranks, sharding
-from .distributed import placement, plan, specs_of
+from .distributed import context_for, placement, plan, specs_of
 from .planning import HarnessError, Task, case_timeout
 from .registry import Registry
-from .rows import base_row, error_message, run_context
+from .rows import base_row, error_message
 from .spec import DTYPES, Case
+from .timing import timing_columns
 
 SEED = 5
 #: seconds of timed steps per case, and the bounds on their number
@@ -35,7 +35,9 @@ BUDGET_S = {"cpu": 0.5, "cuda": 0.2}
 MIN_STEPS, MAX_STEPS = 5, 50
 
 
-def _inputs(task: Task, rank: int, world: int, device: str) -> tuple[dict, dict]:
+def _inputs(task: Task, rank: int, world: int, device: str):
+    """This rank's part of the case's inputs on ``device``, the leaves that take a
+    gradient marked, with the loss's options and the names of those leaves."""
     spec = task.spec
     options = dict(spec.options)
     whole = spec.make_inputs(Case(task.n, DTYPES[task.dtype], "cpu", seed=SEED,
@@ -43,25 +45,33 @@ def _inputs(task: Task, rank: int, world: int, device: str) -> tuple[dict, dict]
     mine = spec.sharding.shard(whole, rank, world, options) if world > 1 else whole
     mine = {k: (v.to(device).clone() if torch.is_tensor(v) else v) for k, v in mine.items()}
     names = spec.grad_names(mine)
-    return {k: (v.requires_grad_(True) if k in names else v) for k, v in mine.items()}, options
+    leaves = {k: (v.requires_grad_(True) if k in names else v) for k, v in mine.items()}
+    return leaves, options, names
 
 
 def _agree(value: float, group, device: str) -> float:
     """The largest of every rank's ``value`` (a checker's collective, not counted)."""
     if group is None:
         return value
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=device if device.startswith("cuda") else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
+
+
+def _ms(step, device: str) -> float:
+    """Milliseconds of one synchronized call of ``step``."""
+    measure.synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    measure.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def measure_step(task: Task, rank: int, world: int, group, device: str) -> dict:
     """One rank's figures for one case: time of a step (median, p20, p80 over the
     agreed number of steps), peak memory above the baseline during a step, and the
     bytes its collectives carried in a step."""
-    leaves, options = _inputs(task, rank, world, device)
-    names = [k for k, v in leaves.items() if torch.is_tensor(v) and v.requires_grad]
+    leaves, options, names = _inputs(task, rank, world, device)
 
     def step():
         out = task.impl.fn(**leaves, **options)
@@ -71,30 +81,21 @@ def measure_step(task: Task, rank: int, world: int, group, device: str) -> dict:
     group = group if world > 1 else None
     with collectives.using(group):
         step()  # warm-up: first-call costs stay out of the figures
-        measure.synchronize(device)
         collectives.reset_comm()
-        t0 = time.perf_counter()
-        step()
-        measure.synchronize(device)
-        first_ms = _agree((time.perf_counter() - t0) * 1e3, group, device)
+        first_ms = _agree(_ms(step, device), group, device)
         comm = collectives.comm_bytes()
         budget = BUDGET_S[measure.device_type(device)] * 1e3
-        steps = int(min(MAX_STEPS, max(MIN_STEPS, budget / max(first_ms, 1e-3))))
         samples = []
-        for _ in range(steps):
+        for _ in range(int(min(MAX_STEPS, max(MIN_STEPS, budget / max(first_ms, 1e-3))))):
             if group is not None:
                 dist.barrier(group)
-            measure.synchronize(device)
-            t0 = time.perf_counter()
-            step()
-            measure.synchronize(device)
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append(_ms(step, device))
         if group is not None:
             dist.barrier(group)
         peak = measure.peak_bytes(device, step)
-    t = measure.Timing.of(samples)
-    return {"time_ms": t.median_ms, "time_ms_p20": t.p20_ms, "time_ms_p80": t.p80_ms,
-            "repeats": t.repeats, "peak_bytes": int(peak), "comm_bytes": int(comm)}
+    # time columns as every throughput row derives them; no bytes or flops model here
+    return {**timing_columns(samples, (None, None), model_bytes=None),
+            "peak_bytes": int(peak), "comm_bytes": int(comm)}
 
 
 def bench_rank(tasks: list[Task], context: dict, rank: int, world: int, group, device: str,
@@ -143,32 +144,24 @@ def bench_distributed(names: Sequence[str], world_sizes: Sequence[int] | None = 
     ``case_timeout_s``: seconds per case (default `planning.case_timeout`); a world
     size's ranks are stopped after the sum over its cases. ``progress(total)``: a
     display, as for `lossreg.distributed.check_distributed`."""
-    if sizes not in ("quick", "default", "large"):
-        raise HarnessError(f"unknown sizes {sizes!r}: expected quick, default or large")
     if case_timeout_s is not None and (isinstance(case_timeout_s, bool) or not isinstance(
             case_timeout_s, (int, float)) or not case_timeout_s > 0):
         raise HarnessError(f"case timeout must be a positive number of seconds, got "
                            f"{case_timeout_s!r}")
     worlds = list(dict.fromkeys(world_sizes or []))
-    info = sharding.current()
-    if info is not None:
-        if worlds not in ([], [info.world_size]):
-            raise HarnessError(f"world sizes {worlds} but torchrun started "
-                               f"{info.world_size} ranks: under torchrun the job's ranks "
-                               "are the one world size; give that or none")
-        _, device = placement(None, device)
-    elif not worlds:
+    if sharding.current() is None and not worlds:
         raise HarnessError("give the world sizes to measure, e.g. --world-size 1 "
                            "--world-size 2")
-    else:
-        for w in worlds:
-            placement(w, device)
+    if sharding.current() is not None and len(worlds) > 1:
+        raise HarnessError(f"world sizes {worlds} under torchrun: the job's ranks are the "
+                           "one world size; give that or none")
+    # every world size checked; the answer (torchrun's rank, this rank's device) is one
+    info, device = [placement(w, device) for w in worlds or [None]][0]
     specs = specs_of(list(names), registry)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    context = run_context(device.split(":")[0], name, run_id)
-    context["timestamp"] = _dt.datetime.now(_dt.timezone.utc)
+    context = context_for(device, run_id)
     if info is not None:
-        tasks = plan(specs, device, dtypes, impls, sizes, "bench", _whole(info.world_size, impls))
+        tasks = plan(specs, device, dtypes, impls, sizes, "bench",
+                     _whole(info.world_size, impls))
         rows = ranks.in_job(bench_rank, tasks, context, info.rank, device)
         _speedups(rows)
         return rows
@@ -176,14 +169,14 @@ def bench_distributed(names: Sequence[str], world_sizes: Sequence[int] | None = 
                        for w in worlds]
     shown = progress(sum(map(len, plans))) if progress else None
     try:
-        for world, tasks in zip(worlds, plans):
+        for k, (world, tasks) in enumerate(zip(worlds, plans)):
             limit = sum(case_timeout_s or case_timeout(t, device) for t in tasks)
             try:
                 rows += ranks.spawned_rows(bench_rank, tasks, context, world, device, limit,
                                            check="throughput", mode="full", shown=shown)
             except ranks.RanksInterrupted as stop:  # one run of every world size so far
                 stop.rows = rows + stop.rows
-                stop.done += sum(map(len, plans[:worlds.index(world)]))
+                stop.done += sum(map(len, plans[:k]))
                 stop.total = sum(map(len, plans))
                 _speedups(stop.rows)
                 raise

@@ -43,23 +43,31 @@ def _device(device: str) -> str:
     return "cpu" if device == "auto" and current() is None else device
 
 
-def check_command(names, world_size, device, dtypes, impls, sizes, out, case_timeout,
-                  progress=None):
-    """Every rank's forward and gradient shards against the float64 reference's slices
-    (`lossreg.distributed.check_distributed`)."""
-    from .distributed import check_distributed
+def _over_ranks(run, out):
+    """``run()`` (the rows of a distributed run) after checking ``out``; rank 0 (or the
+    only process) writes them and gets the table, other torchrun ranks None."""
     from .results import check_writable
 
     if out:
         check_writable(out)
     try:
-        rows = check_distributed(_names(names), world_size, device=_device(device),
-                                 dtypes=dtypes or None, impls=impls or None, sizes=sizes,
-                                 timeout=case_timeout or 300.0, progress=progress)
+        rows = run()
     except RanksInterrupted as stop:
         _stopped(stop, out)
     info = current()
     return None if info is not None and info.rank != 0 else _written(rows, out)
+
+
+def check_command(names, world_size, device, dtypes, impls, sizes, out, case_timeout,
+                  progress=None):
+    """Every rank's forward and gradient shards against the float64 reference's slices
+    (`lossreg.distributed.check_distributed`)."""
+    from .distributed import check_distributed
+
+    return _over_ranks(lambda: check_distributed(
+        _names(names), world_size, device=_device(device), dtypes=dtypes or None,
+        impls=impls or None, sizes=sizes, timeout=case_timeout or 300.0,
+        progress=progress), out)
 
 
 def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_timeout,
@@ -67,16 +75,8 @@ def bench_command(names, world_sizes, device, dtypes, impls, sizes, out, case_ti
     """Per-rank time, peak memory and bytes communicated per step at each world size
     (`lossreg.distributed_bench.bench_distributed`)."""
     from .distributed_bench import bench_distributed
-    from .results import check_writable
 
-    if out:
-        check_writable(out)
-    try:
-        rows = bench_distributed(_names(names), list(world_sizes) or None,
-                                 device=_device(device), dtypes=dtypes or None,
-                                 impls=impls or None, sizes=sizes or "quick",
-                                 case_timeout_s=case_timeout or None, progress=progress)
-    except RanksInterrupted as stop:
-        _stopped(stop, out)
-    info = current()
-    return None if info is not None and info.rank != 0 else _written(rows, out)
+    return _over_ranks(lambda: bench_distributed(
+        _names(names), list(world_sizes) or None, device=_device(device),
+        dtypes=dtypes or None, impls=impls or None, sizes=sizes or "quick",
+        case_timeout_s=case_timeout or None, progress=progress), out)

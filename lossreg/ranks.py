@@ -36,8 +36,8 @@ Work = Callable[..., None]
 
 
 class RanksInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM while ranks ran: they were stopped; ``rows`` holds the rows
-    of the cases that every rank... each rank had finished (``done`` of ``total``)."""
+    """Ctrl-C or SIGTERM while ranks ran: they were stopped. ``rows`` holds what each
+    rank had finished; ``done`` of ``total`` cases were finished on every rank."""
 
     def __init__(self, rows: list[dict], done: int, total: int, signum: int):
         super().__init__(f"interrupted after {done} of {total} cases")
@@ -67,6 +67,11 @@ def rank_entry(argv: list[str]) -> None:
         finally:
             send(None, None)
     dist.destroy_process_group()
+
+
+def _ordered(got: dict) -> list[dict]:
+    """The rows of ``{(rank, case): rows}`` in (case, rank) order."""
+    return [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
 
 
 def _read(path: str) -> list[tuple]:
@@ -178,16 +183,12 @@ def spawn(work: Work, tasks: list[Task], context: dict, world: int, device: str,
             if p.returncode != 0 and r not in why:
                 why[r] = describe_exit(p.returncode)
         del store
-    got: dict[tuple, list] = {}
-    for r in range(world):
-        for i, rows in _read(results[r]):
-            if i is not None:
-                got[(r, i)] = rows
+    got = {(r, i): rows for r in range(world) for i, rows in _read(results[r])
+           if i is not None}
     shutil.rmtree(tmp, ignore_errors=True)
     if stopped_by is not None:
-        rows = [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
         done = sum(all((r, i) in got for r in range(world)) for i in range(len(tasks)))
-        raise RanksInterrupted(rows, done, len(tasks), stopped_by)
+        raise RanksInterrupted(_ordered(got), done, len(tasks), stopped_by)
     return got, why
 
 
@@ -216,5 +217,4 @@ def spawned_rows(work: Work, tasks: list[Task], context: dict, world: int, devic
                  shown=None):
     """`spawn`, then every row in (case, rank) order plus the missing ones."""
     got, why = spawn(work, tasks, context, world, device, timeout, shown)
-    rows = [row for key in sorted(got, key=lambda k: (k[1], k[0])) for row in got[key]]
-    return rows + missing_rows(tasks, context, got, world, why, check, mode)
+    return _ordered(got) + missing_rows(tasks, context, got, world, why, check, mode)

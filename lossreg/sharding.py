@@ -169,7 +169,7 @@ def run_sharded(bench_fn: Callable[..., Any], *, out: str | os.PathLike = "resul
         from .rows import error_message
 
         error = error_message(exc)
-    store.set(f"lossreg/{run_id}/done/{info.rank}", error or "ok")
+    store.set(_done_key(run_id, info.rank), error or "ok")
     if info.rank != 0:
         return df
     status = _wait_for(store, run_id, info.world_size, wait)
@@ -201,15 +201,24 @@ def _isnull(v) -> bool:
         return False
 
 
+def _done_key(run_id: str, rank: int) -> str:
+    return f"lossreg/{run_id}/done/{rank}"
+
+
+def _reported(store, run_id: str, rank: int) -> str | None:
+    """What ``rank`` reported at the end of its share ('ok' or its error), or None."""
+    key = _done_key(run_id, rank)
+    return store.get(key).decode() if store.check([key]) else None
+
+
 def _wait_for(store, run_id: str, world: int, timeout: float) -> dict[int, str]:
     """rank -> 'ok', the error its bench raised, or that it never reported."""
     status: dict[int, str] = {}
     end = time.monotonic() + timeout
     while len(status) < world and time.monotonic() < end:
         for r in range(world):
-            key = f"lossreg/{run_id}/done/{r}"
-            if r not in status and store.check([key]):
-                status[r] = store.get(key).decode()
+            if r not in status and (said := _reported(store, run_id, r)) is not None:
+                status[r] = said
         time.sleep(0.2)
     for r in range(world):
         status.setdefault(r, f"did not report within {timeout:g} s")
@@ -224,8 +233,7 @@ def salvage(out: Path, run_id: str, tasks: Sequence, world: int, store, why: str
     status = {0: why}
     for r in range(1, world):
         try:
-            key = f"lossreg/{run_id}/done/{r}"
-            status[r] = store.get(key).decode() if store.check([key]) else None
+            status[r] = _reported(store, run_id, r)
         except Exception:  # noqa: BLE001 - the job's store may already be gone
             status[r] = None
         status[r] = status[r] or ("stopped before it finished: the job ended (torchrun "
